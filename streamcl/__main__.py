@@ -1,0 +1,5 @@
+import sys
+
+from streamcl.cli import main
+
+sys.exit(main())

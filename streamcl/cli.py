@@ -1,0 +1,97 @@
+"""``streamcl run CONFIG.toml``, ``streamcl plugins``, ``streamcl methods``, ``streamcl demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from streamcl.errors import StreamclError
+
+DEMO_METHODS = ("naive", "cumulative", "joint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamcl", description="Continual learning on a stream of experiences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate as a TOML config says")
+    run.add_argument("config", help="path to a TOML config (see docs/config.md)")
+    run.add_argument("--out", help="folder for results.json and the TensorBoard run (default runs/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one key, e.g. --set train.epochs=1 (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or per-experience lines")
+    sub.add_parser("plugins", help="list built-in and installed plugins and where each comes from")
+    sub.add_parser("methods", help="list the named recipes")
+    demo = sub.add_parser("demo", help="run SFM-5 with a few methods and print a results table")
+    demo.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo)")
+    demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="recipes to compare")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        return {"run": _run, "plugins": _plugins, "methods": _methods, "demo": _demo}[args.command](args)
+    except StreamclError as err:
+        print(f"streamcl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from streamcl import config, runner
+
+    cfg = config.load(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    res = runner.run(cfg, out, console=False if args.quiet else None)
+    print(f"final accuracy {res['final_accuracy']:.4f} | average incremental accuracy "
+          f"{res['avg_incremental_accuracy']:.4f} | forgetting {_fmt(res['forgetting'])} | "
+          f"train {res['train_seconds']:.1f} s")
+    print(f"results: {out / 'results.json'}   TensorBoard: tensorboard --logdir {out}")
+    return 0
+
+
+def _plugins(args) -> int:
+    from streamcl.registry import available_plugins
+
+    rows = [(i.name, "built-in" if i.builtin else f"{i.distribution} {i.version}", i.target)
+            for i in available_plugins().values()]
+    _table(("plugin", "from", "object"), rows)
+    return 0
+
+
+def _methods(args) -> int:
+    from streamcl.methods import RECIPES
+
+    _table(("method", "what it does"), [(r.name, r.summary) for r in RECIPES.values()])
+    return 0
+
+
+def _demo(args) -> int:
+    from streamcl import config, runner
+
+    out, rows = Path(args.out), []
+    print(f"SFM-5 (Split Fashion-MNIST, 5 experiences, class-incremental): {', '.join(args.methods)}")
+    for name in args.methods:
+        cfg = config.parse({"method": {"name": name}}, args.overrides)
+        start = time.perf_counter()
+        res = runner.run(cfg, out / name, console=False)
+        rows.append((name, f"{res['final_accuracy']:.4f}", f"{res['avg_incremental_accuracy']:.4f}",
+                     _fmt(res["forgetting"]), f"{time.perf_counter() - start:.1f}"))
+        print(f"  {name}: done", flush=True)
+    print()
+    _table(("method", "final acc", "avg inc acc", "forgetting", "seconds"), rows)
+    print(f"\nper-method results.json under {out}/<method>/; curves: tensorboard --logdir {out}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _table(head: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for i, row in enumerate([head, *rows]):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Run configuration in TOML (the shape of ../shared/PROTOCOLS.md): load, override, validate.
+
+Every problem raises :class:`ConfigError` naming the bad key and what is allowed. Defaults are
+the SFM-5 protocol, so a config may hold only what differs from it.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamcl.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_INT, _NUM, _STR, _BOOL, _INTS = (int,), (int, float), (str,), (bool,), "list[int]"
+
+# section -> key -> (accepted types, default); None as default means "absent unless given".
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "benchmark": {
+        "name": (_STR, "split-fmnist"), "scenario": (_STR, "class"), "n_experiences": (_INT, 5),
+        "class_order": (_INTS, None), "classes_per_exp": (_INT, None), "first_exp_classes": (_INT, None),
+        "class_seed": (_INT, None), "root": (_STR, None),
+    },
+    "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False)},
+    "train": {
+        "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
+        "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
+    },
+    "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True)},
+}
+TOP = {"seed": (_INT, 0)}
+LISTS = ("plugins",)
+TABLES = ("method",)
+CHOICES = {
+    ("benchmark", "name"): ("split-fmnist", "permuted-fmnist"),
+    ("benchmark", "scenario"): ("class", "task", "domain"),
+    ("model", "name"): ("mlp", "cnn"),
+    ("train", "optimizer"): ("sgd", "adam"),
+    ("train", "device"): None,  # any torch device string
+}
+SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
+
+
+def defaults() -> dict[str, Any]:
+    cfg: dict[str, Any] = {k: d for k, (_, d) in TOP.items()}
+    for section, keys in SCHEMA.items():
+        cfg[section] = {k: copy.deepcopy(d) for k, (_, d) in keys.items() if d is not None}
+    cfg["plugins"] = []
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read a TOML file, apply ``key=value`` overrides, validate, and fill in defaults."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return parse(raw, overrides)
+
+
+def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
+    """Validate a config dictionary (as TOML gives it) with overrides; return it with defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a table of sections, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = defaults()
+    allowed_top = [*TOP, *SCHEMA, *LISTS, *TABLES]
+    for key, value in raw.items():
+        if key in TOP:
+            cfg[key] = _check(key, value, TOP[key][0])
+        elif key in SCHEMA:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
+            for sub, v in value.items():
+                if sub not in SCHEMA[key]:
+                    raise ConfigError(f"unknown key '{key}.{sub}'; [{key}] takes: {', '.join(SCHEMA[key])}")
+                cfg[key][sub] = _check(f"{key}.{sub}", v, SCHEMA[key][sub][0], CHOICES.get((key, sub)))
+        elif key == "plugins":
+            cfg["plugins"] = [_named_table(f"plugins[{i}]", p) for i, p in enumerate(_as_list(key, value))]
+        elif key == "method":
+            cfg["method"] = _named_table("method", value)
+        else:
+            raise ConfigError(f"unknown key '{key}'; a config takes: {', '.join(allowed_top)}")
+    if "method" in cfg and cfg["plugins"]:
+        raise ConfigError("give either [method] (a named recipe) or [[plugins]], not both")
+    bench = cfg["benchmark"]
+    if bench["scenario"] not in SCENARIOS[bench["name"]]:
+        raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
+                          f"'{bench['name']}'; it takes: {', '.join(SCENARIOS[bench['name']])}")
+    return cfg
+
+
+def _check(key: str, value: Any, types, choices=None) -> Any:
+    if types == _INTS:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"'{key}' must be a list of integers, got {value!r}")
+        return value
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if types in (_INT, _NUM) and value < 0 or (key.endswith(("batch_size", "epochs", "n_experiences")) and value <= 0):
+        raise ConfigError(f"'{key}' must be positive, got {value!r}")
+    if choices and value not in choices:
+        raise ConfigError(f"'{key}' = {value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def _as_list(key: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"'{key}' must be a list of tables ([[{key}]]), got {value!r}")
+    return value
+
+
+def _named_table(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"'{key}' must be a table with a string 'name' (and the plugin's arguments), got {value!r}")
+    return dict(value)
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` (``--set``); the value is read as TOML, else taken as a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set takes key=value (e.g. train.epochs=1), got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[:i + 1]))
+        else:
+            node = node.setdefault(part, [] if part in LISTS else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _index(node, last, key)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: '{'.'.join(parts[:-1])}' is a value, not a table")
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _list_item(node: list, part: str, key: str) -> Any:
+    return node[_index(node, part, key)]

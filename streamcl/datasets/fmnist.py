@@ -1,0 +1,93 @@
+"""Fashion-MNIST (Xiao et al. 2017) as tensors, from local IDX files or torchvision's download."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamcl.errors import DatasetNotFound
+from streamcl.scenarios.data import TensorData
+
+MEAN, STD = 0.2860, 0.3530
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+HOW_TO_GET = (
+    "Fashion-MNIST was not found. Get it one of these ways:\n"
+    "  * Debian/Ubuntu, offline: apt-get install -y dataset-fashion-mnist   (files land in {debian})\n"
+    "  * point STREAMCL_DATA (or root=...) at a folder holding the four IDX files "
+    "(train-images-idx3-ubyte[.gz], ...), or a torchvision root with FashionMNIST/raw/\n"
+    "  * with internet access: fashion_mnist(download=True) fetches it through torchvision\n"
+    "Looked in: {looked}"
+)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def candidate_folders(root: str | os.PathLike | None) -> list[Path]:
+    """Where the IDX files are looked for, in order: ``root``, ``$STREAMCL_DATA``, the Debian location."""
+    roots = [Path(r) for r in (root, os.environ.get("STREAMCL_DATA")) if r] + [DEBIAN_ROOT]
+    return [f for r in roots for f in (r, r / "FashionMNIST" / "raw", r / "fashion-mnist")]
+
+
+def fashion_mnist(root: str | os.PathLike | None = None, *, flatten: bool = True, normalize: bool = True,
+                  download: bool = True) -> tuple[TensorData, TensorData]:
+    """Train (60,000) and test (10,000) sets as :class:`TensorData`.
+
+    Inputs are pixels / 255, normalised with mean 0.2860 and std 0.3530 when ``normalize``, and
+    flattened to 784 when ``flatten`` (else 1x28x28). Raises :class:`DatasetNotFound` saying how
+    to get the data when no copy is found and the download fails.
+    """
+    folders = candidate_folders(root)
+    for folder in folders:
+        paths = {split: [_find(folder, s) for s in stems] for split, stems in FILES.items()}
+        if all(p is not None for ps in paths.values() for p in ps):
+            return tuple(_to_tensors(*paths[s], flatten, normalize) for s in ("train", "test"))  # type: ignore
+    if download:
+        data = _download(root)
+        if data is not None:
+            return tuple(_to_tensors_arrays(x, y, flatten, normalize) for x, y in data)  # type: ignore
+    raise DatasetNotFound(HOW_TO_GET.format(debian=DEBIAN_ROOT, looked=", ".join(map(str, folders))))
+
+
+def _to_tensors(images: Path, labels: Path, flatten: bool, normalize: bool) -> TensorData:
+    return _to_tensors_arrays(read_idx(images), read_idx(labels), flatten, normalize)
+
+
+def _to_tensors_arrays(images: np.ndarray, labels: np.ndarray, flatten: bool, normalize: bool) -> TensorData:
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
+    if normalize:
+        x.sub_(MEAN).div_(STD)
+    x = x.reshape(len(x), -1) if flatten else x.reshape(len(x), 1, 28, 28)
+    return TensorData(x, torch.from_numpy(np.array(labels, dtype=np.int64)))
+
+
+def _download(root) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """torchvision's download into ``root`` (or ``$STREAMCL_DATA``, or ~/.cache/streamcl); None on failure."""
+    target = Path(root or os.environ.get("STREAMCL_DATA") or Path.home() / ".cache" / "streamcl")
+    try:
+        from torchvision.datasets import FashionMNIST
+        sets = [FashionMNIST(str(target), train=t, download=True) for t in (True, False)]
+    except Exception:  # no internet, no write access: fall through to the message
+        return None
+    return [(s.data.numpy(), s.targets.numpy()) for s in sets]

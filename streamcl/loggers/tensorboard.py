@@ -1,0 +1,104 @@
+"""TensorBoard: every loss term per iteration, accuracy per experience, the accuracy matrix, the run's hyper-parameters."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from streamcl.loggers.base import run_hparams
+from streamcl.plugin import hookimpl
+
+
+def matrix_image(R: list[list[float]], cell: int = 24) -> torch.Tensor:
+    """R as a 3 x H x W heat map in [0, 1]: dark blue at accuracy 0, yellow at 1, one square per entry."""
+    values = torch.tensor(R, dtype=torch.float32).clamp(0, 1)
+    low, high = torch.tensor([0.15, 0.05, 0.35]), torch.tensor([0.99, 0.9, 0.15])
+    rgb = low[:, None, None] + (high - low)[:, None, None] * values[None]
+    return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def matrix_markdown(R: list[list[float]]) -> str:
+    head = "| after \\ on | " + " | ".join(f"exp {j}" for j in range(len(R[0]))) + " |"
+    rule = "|---" * (len(R[0]) + 1) + "|"
+    rows = [f"| exp {i} | " + " | ".join(f"{v:.3f}" for v in r) + " |" for i, r in enumerate(R)]
+    return "\n".join([head, rule, *rows])
+
+
+class TensorBoardLogger:
+    """Engine-owned plugin writing a TensorBoard run to ``log_dir``.
+
+    Scalars: ``loss/<term>`` and ``loss/total`` per iteration; ``accuracy/exp<j>``,
+    ``accuracy/mean``, ``accuracy/seen``, ``accuracy/old`` and ``accuracy/new`` per trained
+    experience. Images: ``accuracy_matrix``. Text: the hyper-parameters, the plugin list and the
+    matrix. HParams: the run's settings with its final metrics, when the run closes.
+    """
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: str | Path | None = None, config: dict | None = None, flush_secs: int = 10):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        self.config = config
+        self.writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
+        self._described = False
+
+    @hookimpl
+    def before_training(self, strategy) -> None:
+        if self._described:
+            return
+        self._described = True
+        hp = run_hparams(strategy)
+        self.writer.add_text("run/plugins", hp["plugins"])
+        self.writer.add_text("run/hparams", "```\n" + json.dumps(self.config or hp, indent=2, default=str) + "\n```")
+
+    @hookimpl
+    def after_training_iteration(self, strategy) -> None:
+        terms = strategy.loss_terms
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+        step = strategy.global_step
+        for name, value in zip(terms, values):
+            self.writer.add_scalar(f"loss/{name}", value, step)
+        self.writer.add_scalar("loss/total", sum(values), step)
+
+    @hookimpl
+    def after_eval(self, strategy) -> None:
+        summary = strategy.metrics.summary()
+        R = summary["accuracy_matrix"]
+        if not R:
+            return
+        step = len(R) - 1
+        for j, acc in enumerate(R[-1]):
+            self.writer.add_scalar(f"accuracy/exp{j}", acc, step)
+        self.writer.add_scalar("accuracy/mean", sum(R[-1]) / len(R[-1]), step)
+        for key in ("seen", "old", "new"):
+            value = summary[f"{key}_accuracy"][-1]
+            if value is not None:
+                self.writer.add_scalar(f"accuracy/{key}", value, step)
+        self.writer.add_image("accuracy_matrix", matrix_image(R), step)
+        self.writer.add_text("accuracy_matrix", matrix_markdown(R), step)
+        self.writer.flush()
+
+    def close(self, strategy) -> None:
+        summary = strategy.metrics.summary()
+        hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+              for k, v in _flatten(self.config or run_hparams(strategy)).items()}
+        metrics = {f"hparam/{k}": summary[k] for k in ("final_accuracy", "avg_incremental_accuracy", "forgetting")
+                   if summary.get(k) is not None}
+        if metrics:
+            self.writer.add_hparams(hp, metrics, run_name=".")
+        self.writer.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list):
+            out[f"{prefix}{k}"] = json.dumps(v, default=str)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

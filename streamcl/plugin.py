@@ -1,0 +1,129 @@
+"""The plugin contract: the ``hookimpl`` marker, an optional base class, and how a list is registered."""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, ClassVar, Iterable, Sequence
+
+import pluggy
+
+from streamcl import hookspecs
+from streamcl.errors import PluginError
+
+PROJECT = "streamcl"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+HOOKS = frozenset(hookspecs.EVENTS + hookspecs.CONTRIBUTIONS + hookspecs.TRANSFORMS)
+
+
+class Plugin:
+    """Optional base class for plugins.
+
+    Gives a readable ``repr`` built from the constructor's arguments, an empty ``owns``, and a
+    ``state_dict``/``load_state_dict`` pair to override when the plugin holds state. Any object
+    with ``@hookimpl`` methods is a plugin; subclassing is a convenience.
+
+    ``owns`` names the exclusive roles the plugin takes (``{"classifier"}``): two plugins of one
+    strategy that own the same role are refused at construction.
+    """
+
+    owns: ClassVar[frozenset[str]] = frozenset()
+    _init_args: tuple[tuple, dict]
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this plugin exactly; empty for a stateless plugin."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor's arguments, by name (for logs and results)."""
+        args, kwargs = getattr(self, "_init_args", ((), {}))
+        try:
+            bound = inspect.signature(type(self)).bind_partial(*args, **kwargs)
+            return dict(bound.arguments)
+        except TypeError:
+            return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({inner})"
+
+
+def plugin_name(plugin: object) -> str:
+    """A plugin's short name: its ``name`` attribute, else its class name in snake case."""
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str):
+        return name
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(plugin).__name__).lower()
+
+
+def check_roles(plugins: Sequence[object]) -> None:
+    """Refuse two plugins that own one exclusive role, naming both and the role."""
+    owner: dict[str, object] = {}
+    for plugin in plugins:
+        for role in sorted(getattr(plugin, "owns", ())):
+            if role in owner:
+                raise PluginError(f"{owner[role]!r} and {plugin!r} both own the role '{role}'; "
+                                  f"a strategy takes one plugin per role: drop one of them")
+            owner[role] = plugin
+
+
+def _unmarked_hooks(plugin: object) -> list[str]:
+    """Methods named exactly like a hook but not marked with ``@hookimpl`` (they would never run)."""
+    out = []
+    for name in HOOKS:
+        attr = getattr(type(plugin), name, None)
+        if callable(attr) and not hasattr(attr, PROJECT + "_impl"):
+            out.append(name)
+    return sorted(out)
+
+
+def make_manager(plugins: Sequence[object], engine_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """A PluginManager whose hooks call ``plugins`` in list order, then ``engine_plugins``.
+
+    pluggy calls the most recently registered implementation first, so engine plugins are
+    registered first and user plugins in reverse. Hooks that do not exist are rejected.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    ordered = [*engine_plugins][::-1] + [*plugins][::-1]
+    for i, plugin in enumerate(ordered):
+        unmarked = _unmarked_hooks(plugin)
+        if unmarked:
+            raise PluginError(f"{plugin!r} defines {', '.join(unmarked)} without @streamcl.hookimpl, "
+                              "so it would never be called; mark the method(s)")
+        try:
+            pm.register(plugin, name=f"{len(ordered) - i}:{type(plugin).__name__}")
+        except ValueError as err:
+            raise PluginError(f"{plugin!r} is listed twice: {err}") from None
+        except pluggy.PluginValidationError as err:
+            raise PluginError(f"{plugin!r}: {err}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        unknown = re.search(r"hook '?(\w+)'?", str(err))
+        hook = unknown.group(1) if unknown else "?"
+        raise PluginError(f"{err.plugin!r} implements '{hook}', which is not a streamcl hook; "
+                          f"known hooks: {', '.join(sorted(HOOKS))}") from None
+    return pm
+
+
+def call_chain(pm: pluggy.PluginManager, name: str, value, **kwargs):
+    """Fold the transform hook ``name`` over its implementations in plugin order.
+
+    ``value`` is passed under the hook's first transformed argument (``model`` or ``logits``)
+    and replaced by each implementation's return value (``None`` keeps it).
+    """
+    key = "model" if name == "adapt_model" else "logits"
+    for impl in reversed(getattr(pm.hook, name).get_hookimpls()):
+        kwargs[key] = value
+        out = impl.function(*[kwargs[a] for a in impl.argnames])
+        if out is not None:
+            value = out
+    return value

@@ -1,0 +1,74 @@
+"""Finding plugins by name: built-in and third-party ones, all through the entry-point group ``streamcl.plugins``."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any, Callable, Sequence
+
+from streamcl.errors import ConfigError
+
+GROUP = "streamcl.plugins"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One installed plugin: its name, the object path, and the distribution that provides it."""
+
+    name: str
+    target: str
+    distribution: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == "streamcl"
+
+    def load(self) -> Callable[..., Any]:
+        module, _, attr = self.target.partition(":")
+        obj = __import__(module, fromlist=[attr or "_"])
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+@lru_cache(maxsize=1)
+def available_plugins() -> dict[str, PluginInfo]:
+    """Every plugin registered under the ``streamcl.plugins`` entry-point group, by name."""
+    found: dict[str, PluginInfo] = {}
+    for ep in entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else "?", dist.version if dist else "?")
+        if ep.name in found and found[ep.name].target != info.target:
+            raise ConfigError(f"plugin name '{ep.name}' is claimed by {found[ep.name].distribution} "
+                              f"({found[ep.name].target}) and {info.distribution} ({info.target})")
+        found[ep.name] = info
+    return dict(sorted(found.items()))
+
+
+def build_plugin(name: str, **kwargs) -> object:
+    """A plugin instance from its registered name and constructor arguments, checked by name."""
+    plugins = available_plugins()
+    if name not in plugins:
+        raise ConfigError(f"unknown plugin '{name}'; known plugins: {', '.join(plugins) or '(none installed)'}")
+    factory = plugins[name].load()
+    check_arguments(factory, kwargs, f"plugin '{name}'")
+    return factory(**kwargs)
+
+
+def check_arguments(factory: Callable, kwargs: dict, what: str) -> None:
+    """Raise :class:`ConfigError` naming any argument ``factory`` does not take, and the ones it does."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{what} has no argument {', '.join(map(repr, unknown))}; "
+                          f"it takes: {', '.join(allowed) or '(no arguments)'}")
+
+
+def resolve_plugins(plugins: Sequence[object]) -> list[object]:
+    """Plugin instances from a list that may mix instances and registered names."""
+    return [build_plugin(p) if isinstance(p, str) else p for p in plugins]

@@ -1,0 +1,119 @@
+"""Class-, task- and domain-incremental benchmarks over any labelled dataset."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from streamcl.errors import DataError
+from streamcl.scenarios.data import TensorData, as_dataset, subset, targets_of
+from streamcl.scenarios.stream import Benchmark, make_stream
+
+
+def split_classes(classes: Sequence[int], n_experiences: int | None = None,
+                  classes_per_exp: int | None = None, first: int | None = None) -> list[list[int]]:
+    """Cut an ordered class list into experiences.
+
+    ``first`` classes go to experience 0 (the "B50-Inc10" protocol); the rest are cut into
+    ``n_experiences`` equal parts, or into parts of ``classes_per_exp``.
+    """
+    classes = list(classes)
+    head, rest = ([], classes) if first is None else (classes[:first], classes[first:])
+    if first is not None and not 0 < first <= len(classes):
+        raise DataError(f"first experience of {first} classes; the stream has {len(classes)}")
+    n_rest = None if n_experiences is None else n_experiences - (first is not None)
+    if classes_per_exp is None:
+        if not n_rest or n_rest < 0 or len(rest) % n_rest:
+            raise DataError(f"{len(rest)} classes do not split into {n_rest} equal experiences; "
+                            "give classes_per_exp or a different n_experiences")
+        classes_per_exp = len(rest) // n_rest
+    if classes_per_exp <= 0 or len(rest) % classes_per_exp:
+        raise DataError(f"{len(rest)} classes do not split into experiences of {classes_per_exp}")
+    if n_rest is not None and len(rest) // classes_per_exp != n_rest:
+        raise DataError(f"{len(rest)} classes in parts of {classes_per_exp} make "
+                        f"{len(rest) // classes_per_exp} experiences, not {n_rest}")
+    parts = [rest[i:i + classes_per_exp] for i in range(0, len(rest), classes_per_exp)]
+    return ([head] if head else []) + parts
+
+
+def class_incremental(train, test, n_experiences: int | None = None, *, classes_per_exp: int | None = None,
+                      class_order: Sequence[int] | None = None, seed: int | None = None,
+                      first_exp_classes: int | None = None, task_labels: bool = False) -> Benchmark:
+    """Split a labelled dataset by class: experience i holds the i-th group of ``class_order``.
+
+    ``class_order`` defaults to the sorted labels, or to a permutation drawn from ``seed``.
+    With ``task_labels`` experience i is task i at train and test time (task-incremental).
+    """
+    train, test = as_dataset(train), as_dataset(test)
+    y_train, y_test = targets_of(train), targets_of(test)
+    present = sorted(set(y_train.tolist()))
+    if class_order is None:
+        class_order = present
+        if seed is not None:
+            perm = torch.randperm(len(present), generator=torch.Generator().manual_seed(seed))
+            class_order = [present[i] for i in perm]
+    class_order = [int(c) for c in class_order]
+    if sorted(class_order) != present:
+        raise DataError(f"class_order {class_order} is not a permutation of the labels present {present}")
+    n_classes = max(present) + 1
+    groups = split_classes(class_order, n_experiences, classes_per_exp, first_exp_classes)
+
+    def parts(data: Dataset, y: Tensor):
+        out = []
+        for i, group in enumerate(groups):
+            index = torch.nonzero(torch.isin(y, torch.tensor(group))).flatten()
+            out.append((subset(data, index, i if task_labels else None), tuple(group), i if task_labels else None))
+        return out
+
+    scenario = "task" if task_labels else "class"
+    return Benchmark(make_stream(parts(train, y_train), n_classes, "train"),
+                     make_stream(parts(test, y_test), n_classes, "test"), n_classes, scenario,
+                     {"class_order": class_order})
+
+
+def task_incremental(train, test, n_experiences: int | None = None, **kwargs) -> Benchmark:
+    """:func:`class_incremental` with task labels given at train and test time."""
+    return class_incremental(train, test, n_experiences, task_labels=True, **kwargs)
+
+
+def pixel_permutation(k: int, n_features: int) -> Tensor | None:
+    """Experience k's fixed permutation: none for k = 0, else ``randperm`` seeded with k (PFM-5)."""
+    if k == 0:
+        return None
+    return torch.randperm(n_features, generator=torch.Generator().manual_seed(k))
+
+
+def domain_incremental(train, test, n_experiences: int,
+                       transform: Callable[[int, Tensor], Tensor] | None = None,
+                       split: bool = True) -> Benchmark:
+    """Same classes, new input distribution: experience k applies ``transform(k, x)`` to its inputs.
+
+    ``transform`` defaults to the fixed pixel permutation of :func:`pixel_permutation`. With
+    ``split`` experience k holds the k-th disjoint chunk of the data in dataset order (PFM-5);
+    otherwise every experience holds all of it. Needs tensor data (``TensorData`` or ``(x, y)``).
+    """
+    train, test = as_dataset(train), as_dataset(test)
+    if not isinstance(train, TensorData) or not isinstance(test, TensorData):
+        raise DataError("domain_incremental needs tensor data: pass (x, y) or TensorData")
+    if transform is None:
+        def transform(k: int, x: Tensor) -> Tensor:
+            perm = pixel_permutation(k, x[0].numel())
+            flat = x.reshape(x.shape[0], -1)
+            return (flat if perm is None else flat[:, perm]).reshape(x.shape)
+    n_classes = int(max(train.y.max(), test.y.max())) + 1
+
+    def parts(data: TensorData):
+        size = len(data) // n_experiences if split else len(data)
+        out = []
+        for k in range(n_experiences):
+            lo = k * size if split else 0
+            index = torch.arange(lo, lo + size)
+            part = data.subset(index)
+            part.x = transform(k, part.x)
+            out.append((part, tuple(sorted(set(part.y.tolist()))), None))
+        return out
+
+    return Benchmark(make_stream(parts(train), n_classes, "train"), make_stream(parts(test), n_classes, "test"),
+                     n_classes, "domain", {"split": split})

@@ -1,0 +1,229 @@
+"""The training loop: ``Strategy.train(experience)`` and ``Strategy.eval(stream)``, emitting hooks."""
+from __future__ import annotations
+
+import inspect
+from time import perf_counter
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from streamcl.batch import Batch, Output
+from streamcl.errors import DataError, PluginError
+from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
+from streamcl.metrics import EvalCounts, Metrics
+from streamcl.models.heads import grow_heads
+from streamcl.optim import sync_optimizer
+from streamcl.plugin import call_chain, check_roles, make_manager, plugin_name
+from streamcl.scenarios import Experience, TensorData, join
+
+
+class Strategy:
+    """Trains one model on a stream, one experience at a time; methods are ``plugins``.
+
+    Plugins run in list order, then the engine's own (metrics, then ``loggers``). ``seed``
+    fixes the data order (``self.generator``); plugins draw from the same generator.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
+                 plugins: Sequence[object] = (), epochs: int = 1, batch_size: int = 128,
+                 eval_batch_size: int | None = None, device=None, loggers: Sequence[object] = (),
+                 seed: int | None = None):
+        from streamcl.loggers import resolve_loggers
+        from streamcl.registry import resolve_plugins
+
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.model, self.optimizer = model.to(self.device), optimizer
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.plugins, self.loggers = resolve_plugins(plugins), resolve_loggers(loggers)
+        self.metrics = Metrics()
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.epochs, self.batch_size = epochs, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed = seed if seed is not None else torch.initial_seed() % 2**63
+        self.generator = torch.Generator().manual_seed(self.seed)
+        check_roles(self.plugins)
+        self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
+        hooks = self.pm.hook
+        self._hook = {n: getattr(hooks, n) if getattr(hooks, n).get_hookimpls() else None
+                      for n in EVENTS + CONTRIBUTIONS + TRANSFORMS}
+        self.trained: list[Experience] = []
+        self.global_step, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0
+        self.experience: Experience | None = None
+        self.epoch = self.iteration = 0
+        self.is_training = False
+        self.batch: Batch | None = None
+        self.output: Output | None = None
+        self.loss: torch.Tensor | None = None
+        self.loss_terms: dict[str, torch.Tensor] = {}
+        self.eval_results: list[EvalCounts] = []
+        self._inspect_model()
+
+    # ------------------------------------------------------------------------------- training
+    def train(self, experiences: Experience | Iterable[Experience]) -> None:
+        """Train on one experience, or on each of several in turn."""
+        exps = [experiences] if isinstance(experiences, Experience) else list(experiences)
+        self.is_training = True
+        self._emit("before_training")
+        for exp in exps:
+            start = perf_counter()
+            self._train_experience(exp)
+            self.train_seconds += perf_counter() - start
+        self._emit("after_training")
+        self.is_training = False
+
+    def _train_experience(self, exp: Experience) -> None:
+        self.experience = exp
+        self._check_experience(exp)
+        self._adapt_model(exp)
+        data = self._on_device(join([exp.dataset, *self._contributions("train_data", experience=exp)]))
+        self.model.train()
+        self._emit("before_training_exp")
+        for self.epoch in range(self.epochs):
+            self._emit("before_training_epoch")
+            for self.iteration, batch in enumerate(self.batches(data, self.batch_size, shuffle=True)):
+                self._training_step(batch)
+            self._emit("after_training_epoch")
+        self.trained.append(exp)
+        self._emit("after_training_exp")
+
+    def _training_step(self, batch: Batch) -> None:
+        self.batch = batch
+        self._emit("before_training_iteration")
+        if self._hook["replay_batch"]:
+            self.batch = batch.cat(*self._contributions("replay_batch", batch=batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._emit("before_forward")
+        self.output = self.forward(self.batch)
+        self._emit("after_forward")
+        self.loss = self.task_loss(self.output, self.batch)
+        self.loss_terms = {"task": self.loss}
+        if self._hook["loss_terms"]:
+            self._add_loss_terms()
+        self._emit("before_backward")
+        self.loss.backward()
+        self._emit("after_backward")
+        self._emit("before_update")
+        self.optimizer.step()
+        self._emit("after_update")
+        self._emit("after_training_iteration")
+        self.global_step += 1
+
+    def task_loss(self, output: Output, batch: Batch) -> torch.Tensor:
+        """The criterion on the (adapted) logits and the labels."""
+        return self.criterion(output.logits, batch.y)
+
+    def _add_loss_terms(self) -> None:
+        owner: dict[str, int] = {}
+        for i, terms in enumerate(self._contributions("loss_terms", batch=self.batch, output=self.output)):
+            for name, value in terms.items():
+                if name in self.loss_terms:
+                    raise PluginError(f"two loss terms are named '{name}' (contribution {owner.get(name, 'task')} "
+                                      f"and {i}); give each plugin's term its own name")
+                owner[name] = i
+                self.loss_terms[name] = value
+                self.loss = self.loss + value
+
+    # ------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def eval(self, stream: Experience | Iterable[Experience]) -> dict:
+        """Accuracy on each experience of ``stream``, and the metrics of the run so far."""
+        start, was_training = perf_counter(), self.model.training
+        exps = [stream] if isinstance(stream, Experience) else list(stream)
+        self.model.eval()
+        self.eval_results = []
+        self._emit("before_eval")
+        for exp in exps:
+            self.experience = exp
+            self._check_experience(exp)
+            self._emit("before_eval_exp")
+            self.eval_results.append(self._eval_experience(exp))
+            self._emit("after_eval_exp")
+        self.eval_seconds += perf_counter() - start
+        self._emit("after_eval")
+        self.model.train(was_training)
+        return {"accuracy": [c.accuracy for c in self.eval_results], **self.metrics.summary()}
+
+    def _eval_experience(self, exp: Experience) -> EvalCounts:
+        n = exp.n_classes
+        correct = torch.zeros(n, dtype=torch.long, device=self.device)
+        total = torch.zeros(n, dtype=torch.long, device=self.device)
+        for batch in self.batches(self._on_device(exp.dataset), self.eval_batch_size, shuffle=False):
+            self.batch = batch
+            self._emit("before_eval_forward")
+            self.output = self.forward(batch)
+            self._emit("after_eval_forward")
+            hit = self.output.logits.argmax(1) == batch.y
+            total += torch.bincount(batch.y, minlength=n)[:n]
+            correct += torch.bincount(batch.y[hit], minlength=n)[:n]
+        return EvalCounts(exp.index, correct.cpu(), total.cpu())
+
+    # ------------------------------------------------------------------------------- pieces
+    def forward(self, batch: Batch) -> Output:
+        """The model on ``batch.x`` (and task labels, if it takes them), then every ``adapt_logits``."""
+        kwargs = {"task_labels": batch.t} if self._takes_task else {}
+        if self._returns_features:
+            logits, features = self.model(batch.x, return_features=True, **kwargs)
+        else:
+            logits, features = self.model(batch.x, **kwargs), None
+        if self._hook["adapt_logits"]:
+            logits = call_chain(self.pm, "adapt_logits", logits, strategy=self, features=features, batch=batch)
+        return Output(logits, features)
+
+    def batches(self, data: Dataset, batch_size: int, shuffle: bool) -> Iterator[Batch]:
+        """Minibatches of ``data``: index slices of tensors when it is :class:`TensorData`, else a DataLoader."""
+        if isinstance(data, TensorData):
+            n = len(data)
+            order = torch.randperm(n, generator=self.generator).to(self.device) if shuffle else None
+            for i in range(0, n, batch_size):
+                idx = order[i:i + batch_size] if shuffle else slice(i, i + batch_size)
+                yield Batch(data.x[idx], data.y[idx], data.t[idx])
+        else:
+            loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=self.generator)
+            for sample in loader:
+                yield Batch.from_sample(sample).to(self.device)
+
+    def _on_device(self, data: Dataset) -> Dataset:
+        return data.to(self.device) if isinstance(data, TensorData) else data
+
+    def _emit(self, event: str) -> None:
+        hook = self._hook[event]
+        if hook is not None:
+            hook(strategy=self)
+
+    def _contributions(self, name: str, **kwargs) -> list:
+        hook = self._hook[name]
+        return [] if hook is None else hook(strategy=self, **kwargs)
+
+    def _adapt_model(self, exp: Experience) -> None:
+        seen = max(max(exp.classes, default=-1), *(max(e.classes, default=-1) for e in self.trained), -1) + 1
+        grow_heads(self.model, seen)
+        if self._hook["adapt_model"]:
+            self.model = call_chain(self.pm, "adapt_model", self.model, strategy=self, experience=exp).to(self.device)
+        groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
+        sync_optimizer(self.optimizer, self.model, groups)
+        self._inspect_model()
+
+    def _inspect_model(self) -> None:
+        params = inspect.signature(self.model.forward).parameters
+        self._returns_features = "return_features" in params
+        self._takes_task = "task_labels" in params
+
+    def _check_experience(self, exp: Experience) -> None:
+        if len(exp) == 0:
+            raise DataError(f"{exp!r} is empty: a stream's experiences must hold at least one sample")
+
+    def close(self) -> dict:
+        """Finish the run: loggers write their last records (results.json, hparams); returns the metrics."""
+        for logger in self.loggers:
+            close = getattr(logger, "close", None)
+            if callable(close):
+                close(self)
+        return self.metrics.summary()
+
+    @property
+    def plugin_names(self) -> list[str]:
+        return [plugin_name(p) for p in self.plugins]
