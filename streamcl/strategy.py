@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from streamcl.batch import Batch, Output
@@ -35,7 +36,7 @@ class Strategy:
 
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model, self.optimizer = model.to(self.device), optimizer
-        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.criterion = criterion if criterion is not None else F.cross_entropy
         self.plugins, self.loggers = resolve_plugins(plugins), resolve_loggers(loggers)
         self.metrics = Metrics()
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
