@@ -43,6 +43,7 @@ CHOICES = {
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "device"): None,  # any torch device string
 }
+POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
 SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
 
 
@@ -61,6 +62,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read as text: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     return parse(raw, overrides)
@@ -93,11 +96,24 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
             raise ConfigError(f"unknown key '{key}'; a config takes: {', '.join(allowed_top)}")
     if "method" in cfg and cfg["plugins"]:
         raise ConfigError("give either [method] (a named recipe) or [[plugins]], not both")
+    _check_device(cfg["train"]["device"])
     bench = cfg["benchmark"]
     if bench["scenario"] not in SCENARIOS[bench["name"]]:
         raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
                           f"'{bench['name']}'; it takes: {', '.join(SCENARIOS[bench['name']])}")
     return cfg
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device = {name!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"train.device = {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use 'cpu' or an existing GPU")
 
 
 def _check(key: str, value: Any, types, choices=None) -> Any:
@@ -109,8 +125,10 @@ def _check(key: str, value: Any, types, choices=None) -> Any:
         raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
     if not isinstance(value, types):
         raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
-    if types in (_INT, _NUM) and value < 0 or (key.endswith(("batch_size", "epochs", "n_experiences")) and value <= 0):
+    if key.endswith(POSITIVE) and value <= 0:
         raise ConfigError(f"'{key}' must be positive, got {value!r}")
+    if types in (_INT, _NUM) and value < 0:
+        raise ConfigError(f"'{key}' must not be negative, got {value!r}")
     if choices and value not in choices:
         raise ConfigError(f"'{key}' = {value!r} is not one of: {', '.join(choices)}")
     return value

@@ -8,8 +8,9 @@ Three kinds:
 * **transforms** receive the previous plugin's result and return the next one, chained in
   the order the user listed the plugins.
 
-Implementations are marked with :data:`streamcl.hookimpl`; every hook is called with keyword
-arguments, so an implementation may take any subset of a hook's parameters.
+Implementations are marked with :data:`streamcl.hookimpl` (without ``tryfirst``, ``trylast`` or
+wrappers: the user's list fixes the order); every hook is called with keyword arguments, so an
+implementation may take any subset of a hook's parameters.
 Hooks run in the user's plugin order; engine-owned plugins (metrics, loggers) run after them.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ def after_training(strategy: Strategy) -> None:
 
 @hookspec
 def before_training_exp(strategy: Strategy) -> None:
-    """Before the first epoch on ``strategy.experience``; the model is adapted, the data joined."""
+    """Before the first epoch on ``strategy.experience``; the model is adapted, the data joined
+    (``strategy.train_dataset``)."""
 
 
 @hookspec
@@ -62,7 +64,7 @@ def after_training_epoch(strategy: Strategy) -> None:
 
 @hookspec
 def before_training_iteration(strategy: Strategy) -> None:
-    """A minibatch ``strategy.batch`` was drawn; replay has not been joined yet."""
+    """A minibatch ``strategy.batch`` was drawn (a plugin may replace it); replay is joined after."""
 
 
 @hookspec
@@ -82,7 +84,7 @@ def after_forward(strategy: Strategy) -> None:
 
 @hookspec
 def before_backward(strategy: Strategy) -> None:
-    """``strategy.loss`` is the combined loss; gradients are zero."""
+    """``strategy.loss`` is the combined loss; gradients were cleared (``.grad`` is ``None``)."""
 
 
 @hookspec
@@ -123,7 +125,7 @@ def after_eval_exp(strategy: Strategy) -> None:
 
 @hookspec
 def before_eval_forward(strategy: Strategy) -> None:
-    """Before the evaluation forward pass on ``strategy.batch``."""
+    """Before the evaluation forward pass on ``strategy.batch`` (a plugin may replace it)."""
 
 
 @hookspec

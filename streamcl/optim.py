@@ -13,7 +13,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, groups: l
     """Point ``optimizer`` at ``model``'s parameters, in place; return whether anything changed.
 
     ``groups`` (from ``param_groups`` hooks) set their own options for some parameters; the rest
-    keep the options of the optimizer's first group. State (momentum) carries over for every
+    keep the options of the optimizer's first group that no hook made (marked ``from_plugin``). State (momentum) carries over for every
     parameter that is still there. Nothing changes if the parameters and groups are the same.
     """
     params = list(model.parameters())
@@ -26,10 +26,12 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, groups: l
     current = [p for g in optimizer.param_groups for p in g["params"]]
     if not groups and [id(p) for p in current] == [id(p) for p in params]:
         return False
-    base = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    own = [g for g in optimizer.param_groups if not g.get("from_plugin")]
+    base = {k: v for k, v in (own[0] if own else optimizer.defaults).items() if k not in ("params", "from_plugin")}
     rest = [p for p in params if id(p) not in claimed]
     new_groups = ([{**base, "params": rest}] if rest else []) + [
-        {**base, **{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])} for g in groups]
+        {**base, **{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"]), "from_plugin": True}
+        for g in groups]
     old_state = optimizer.state
     optimizer.param_groups.clear()
     optimizer.state = defaultdict(dict)

@@ -15,6 +15,16 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 HOOKS = frozenset(hookspecs.EVENTS + hookspecs.CONTRIBUTIONS + hookspecs.TRANSFORMS)
 
 
+def init_signature(factory) -> inspect.Signature:
+    """What calling ``factory`` takes; for a class, its ``__init__`` without ``self`` (none if it has none)."""
+    if not isinstance(factory, type):
+        return inspect.signature(factory)
+    if factory.__init__ is object.__init__:
+        return inspect.Signature()
+    params = list(inspect.signature(factory.__init__).parameters.values())
+    return inspect.Signature(params[1:])
+
+
 class Plugin:
     """Optional base class for plugins.
 
@@ -45,8 +55,7 @@ class Plugin:
         """The constructor's arguments, by name (for logs and results)."""
         args, kwargs = getattr(self, "_init_args", ((), {}))
         try:
-            bound = inspect.signature(type(self)).bind_partial(*args, **kwargs)
-            return dict(bound.arguments)
+            return dict(init_signature(type(self)).bind_partial(*args, **kwargs).arguments)
         except TypeError:
             return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
 
@@ -74,6 +83,23 @@ def check_roles(plugins: Sequence[object]) -> None:
             owner[role] = plugin
 
 
+ORDER_OPTIONS = ("tryfirst", "trylast", "wrapper", "hookwrapper")
+
+
+def _check_impls(plugin: object) -> None:
+    """Refuse hook-named methods without ``@hookimpl``, and ordering options that defeat the list order."""
+    unmarked = _unmarked_hooks(plugin)
+    if unmarked:
+        raise PluginError(f"{plugin!r} defines {', '.join(unmarked)} without @streamcl.hookimpl, "
+                          "so it would never be called; mark the method(s)")
+    for name in dir(type(plugin)):
+        opts = getattr(getattr(type(plugin), name, None), PROJECT + "_impl", None)
+        bad = [o for o in ORDER_OPTIONS if opts and opts.get(o)]
+        if bad:
+            raise PluginError(f"{plugin!r}.{name} uses @hookimpl({bad[0]}=True); streamcl runs plugins in the "
+                              "order of the user's list, so reorder the list instead")
+
+
 def _unmarked_hooks(plugin: object) -> list[str]:
     """Methods named exactly like a hook but not marked with ``@hookimpl`` (they would never run)."""
     out = []
@@ -94,10 +120,7 @@ def make_manager(plugins: Sequence[object], engine_plugins: Iterable[object] = (
     pm.add_hookspecs(hookspecs)
     ordered = [*engine_plugins][::-1] + [*plugins][::-1]
     for i, plugin in enumerate(ordered):
-        unmarked = _unmarked_hooks(plugin)
-        if unmarked:
-            raise PluginError(f"{plugin!r} defines {', '.join(unmarked)} without @streamcl.hookimpl, "
-                              "so it would never be called; mark the method(s)")
+        _check_impls(plugin)
         try:
             pm.register(plugin, name=f"{len(ordered) - i}:{type(plugin).__name__}")
         except ValueError as err:

@@ -1,13 +1,13 @@
 """Finding plugins by name: built-in and third-party ones, all through the entry-point group ``streamcl.plugins``."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any, Callable, Sequence
 
 from streamcl.errors import ConfigError
+from streamcl.plugin import init_signature
 
 GROUP = "streamcl.plugins"
 
@@ -59,7 +59,7 @@ def build_plugin(name: str, **kwargs) -> object:
 
 def check_arguments(factory: Callable, kwargs: dict, what: str) -> None:
     """Raise :class:`ConfigError` naming any argument ``factory`` does not take, and the ones it does."""
-    params = inspect.signature(factory).parameters
+    params = init_signature(factory).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     allowed = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from streamcl.datasets import fashion_mnist
-from streamcl.errors import ConfigError
 from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
@@ -74,10 +73,7 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     if cfg["log"]["console"] if console is None else console:
         loggers.append(ConsoleLogger())
     t = cfg["train"]
-    try:
-        device = torch.device(t["device"])
-    except RuntimeError as err:
-        raise ConfigError(f"train.device = {t['device']!r} is not a torch device: {err}") from None
+    device = torch.device(t["device"])
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"])

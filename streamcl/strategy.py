@@ -54,6 +54,7 @@ class Strategy:
         self.trained: list[Experience] = []
         self.global_step, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0
         self.experience: Experience | None = None
+        self.train_dataset: Dataset | None = None
         self.epoch = self.iteration = 0
         self.is_training = False
         self.batch: Batch | None = None
@@ -80,12 +81,13 @@ class Strategy:
         self.experience = exp
         self._check_experience(exp)
         self._adapt_model(exp)
-        data = self._on_device(join([exp.dataset, *self._contributions("train_data", experience=exp)]))
+        extra = self._contributions("train_data", experience=exp)
+        self.train_dataset = self._on_device(join([exp.dataset, *extra]))
         self.model.train()
         self._emit("before_training_exp")
         for self.epoch in range(self.epochs):
             self._emit("before_training_epoch")
-            for self.iteration, batch in enumerate(self.batches(data, self.batch_size, shuffle=True)):
+            for self.iteration, batch in enumerate(self.batches(self.train_dataset, self.batch_size, shuffle=True)):
                 self._training_step(batch)
             self._emit("after_training_epoch")
         self.trained.append(exp)
@@ -95,7 +97,7 @@ class Strategy:
         self.batch = batch
         self._emit("before_training_iteration")
         if self._hook["replay_batch"]:
-            self.batch = batch.cat(*self._contributions("replay_batch", batch=batch))
+            self.batch = self.batch.cat(*self._contributions("replay_batch", batch=self.batch))
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")
         self.output = self.forward(self.batch)
@@ -155,11 +157,12 @@ class Strategy:
         for batch in self.batches(self._on_device(exp.dataset), self.eval_batch_size, shuffle=False):
             self.batch = batch
             self._emit("before_eval_forward")
-            self.output = self.forward(batch)
+            self.output = self.forward(self.batch)
             self._emit("after_eval_forward")
-            hit = self.output.logits.argmax(1) == batch.y
-            total += torch.bincount(batch.y, minlength=n)[:n]
-            correct += torch.bincount(batch.y[hit], minlength=n)[:n]
+            y = self.batch.y
+            hit = self.output.logits.argmax(1) == y
+            total += torch.bincount(y, minlength=n)[:n]
+            correct += torch.bincount(y[hit], minlength=n)[:n]
         return EvalCounts(exp.index, correct.cpu(), total.cpu())
 
     # ------------------------------------------------------------------------------- pieces

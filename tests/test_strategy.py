@@ -219,3 +219,54 @@ def test_bad_loop_settings_are_refused():
         make(epochs=1, eval_batch_size=0)
     with pytest.raises(ValueError, match="epochs"):
         make(epochs=0)
+
+
+def test_ordering_options_are_refused():
+    class First(Plugin):
+        @hookimpl(tryfirst=True)
+        def before_training_exp(self, strategy):
+            pass
+
+    with pytest.raises(PluginError, match="tryfirst"):
+        make([First()])
+
+
+def test_a_plugin_may_replace_the_batch_before_replay_and_before_eval_forward():
+    sizes = []
+
+    class Shrink(Plugin):
+        @hookimpl
+        def before_training_iteration(self, strategy):
+            strategy.batch = Batch(*(v[:4] for v in strategy.batch))
+
+        @hookimpl
+        def replay_batch(self, batch):
+            return Batch(batch.x[:1], batch.y[:1], batch.t[:1])
+
+        @hookimpl
+        def before_eval_forward(self, strategy):
+            strategy.batch = Batch(*(v[:3] for v in strategy.batch))
+
+        @hookimpl
+        def before_forward(self, strategy):
+            sizes.append(len(strategy.batch))
+
+    bench = tiny_benchmark()
+    s = make([Shrink()], epochs=1)
+    s.train(bench.train_stream[0])
+    assert sizes == [5, 5, 5]
+    s.eval(bench.test_stream[0])  # 20 samples in eval batches of 16: two batches, each cut to 3
+    assert int(s.eval_results[0].total.sum()) == 6
+
+
+def test_plugin_without_init_takes_no_config_arguments():
+    from streamcl.errors import ConfigError
+    from streamcl.registry import check_arguments
+
+    class Bare(Plugin):
+        pass
+
+    check_arguments(Bare, {}, "plugin 'bare'")
+    with pytest.raises(ConfigError, match="has no argument 'typo'"):
+        check_arguments(Bare, {"typo": 1}, "plugin 'bare'")
+    assert repr(Bare()) == "Bare()"

@@ -20,7 +20,7 @@ class ConsoleLogger:
 
     @hookimpl
     def before_training_exp(self, strategy) -> None:
-        n = len(strategy.experience)
+        n = len(strategy.train_dataset)
         total = strategy.epochs * math.ceil(n / strategy.batch_size)
         self.bar = tqdm(total=total, file=self.stream, leave=False, mininterval=0.5,
                         desc=f"exp {strategy.experience.index} ({n} samples)")

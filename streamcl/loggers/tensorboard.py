@@ -85,6 +85,7 @@ class TensorBoardLogger:
         summary = strategy.metrics.summary()
         hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
               for k, v in _flatten(self.config or run_hparams(strategy)).items()}
+        hp["plugins"] = run_hparams(strategy)["plugins"]  # what ran, also when a recipe built the list
         metrics = {f"hparam/{k}": summary[k] for k in ("final_accuracy", "avg_incremental_accuracy", "forgetting")
                    if summary.get(k) is not None}
         if metrics:
