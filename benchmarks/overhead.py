@@ -6,7 +6,7 @@ order (shuffled index slices of in-memory tensors), alternating in one process. 
 checks that both ended with the same weights, so they did the same work. Prints per-iteration
 times and, on the last line, ``ratio <median of per-round Strategy/hand time ratios>``.
 
-    python benchmarks/overhead.py [--rounds 7]
+    python benchmarks/overhead.py [--rounds 9] [--warmup 1]
 """
 from __future__ import annotations
 
@@ -63,14 +63,15 @@ def timed(fn, *args) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     args = parser.parse_args()
     torch.manual_seed(0)
     train, test = fashion_mnist()
     stream = class_incremental(train, test, 5, class_order=list(range(10))).train_stream
     init = MLP().state_dict()
     ratios, hand_ms, engine_ms = [], [], []
-    for r in range(args.rounds):
+    for r in range(-args.warmup, args.rounds):
         models = {}
         for name, fn in (("hand", hand_loop), ("engine", engine_loop))[:: 1 if r % 2 == 0 else -1]:
             model = MLP()
@@ -81,6 +82,9 @@ def main() -> None:
         same = hs == es and all(torch.equal(a, b) for a, b in zip(hm.state_dict().values(), em.state_dict().values()))
         if not same:
             raise SystemExit(f"round {r}: the two loops did different work ({hs} vs {es} steps or other weights)")
+        if r < 0:
+            print(f"warm-up round: hand {1000 * ht / hs:.3f} ms/it, strategy {1000 * et / es:.3f} ms/it (not counted)")
+            continue
         hand_ms.append(1000 * ht / hs)
         engine_ms.append(1000 * et / es)
         ratios.append(et / ht)

@@ -15,6 +15,8 @@ from pathlib import Path
 from streamcl import config, runner
 from streamcl.methods import RECIPES
 
+# Final average accuracy on SFM-5, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md).
+REFERENCE = {"naive": 0.199, "joint": 0.860, "cumulative": 0.870}
 PROTOCOL = "SFM-5 (Split Fashion-MNIST, 5 experiences of 2 classes, class-incremental; MLP 784-256-256-10, " \
            "SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience)"
 
@@ -45,11 +47,12 @@ def main() -> None:
     seeds = ", ".join(map(str, args.seeds))
     lines = ["# Results", "", f"Protocol: {PROTOCOL}. Mean ± std over seeds {seeds}.",
              "Regenerate with `python benchmarks/results.py`.", "",
-             "| method | final accuracy | avg incremental accuracy | forgetting | train seconds |",
-             "|---|---|---|---|---|"]
+             "| method | final accuracy | reference (Avalanche 0.6.0) | avg incremental accuracy | forgetting | train seconds |",
+             "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([r[k] for r in rs], 1 if k == "train_seconds" else 3)
-                                                  for k in keys) + " |")
+        cells = [fmt([r[k] for r in rs], 1 if k == "train_seconds" else 3) for k in keys]
+        ref = f"{REFERENCE[name]:.3f}" if name in REFERENCE else "-"
+        lines.append(f"| {name} | {cells[0]} | {ref} | " + " | ".join(cells[1:]) + " |")
     lines += ["", "## Every seed", "", "| method | seed | final | avg incremental | forgetting | old / new accuracy after the last experience |",
               "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
