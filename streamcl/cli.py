@@ -43,7 +43,7 @@ def _run(args) -> int:
     print(f"final accuracy {res['final_accuracy']:.4f} | average incremental accuracy "
           f"{res['avg_incremental_accuracy']:.4f} | forgetting {_fmt(res['forgetting'])} | "
           f"train {res['train_seconds']:.1f} s")
-    print(f"results: {out / 'results.json'}   TensorBoard: tensorboard --logdir {out}")
+    print(f"results: {out / 'results.json'}   TensorBoard: {_tensorboard()} --logdir {out}")
     return 0
 
 
@@ -77,8 +77,14 @@ def _demo(args) -> int:
         print(f"  {name}: done", flush=True)
     print()
     _table(("method", "final acc", "avg inc acc", "forgetting", "seconds"), rows)
-    print(f"\nper-method results.json under {out}/<method>/; curves: tensorboard --logdir {out}")
+    print(f"\nper-method results.json under {out}/<method>/; curves: {_tensorboard()} --logdir {out}")
     return 0
+
+
+def _tensorboard() -> str:
+    """The tensorboard command beside this interpreter (the virtual environment's), else plain ``tensorboard``."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    return str(beside) if beside.exists() else "tensorboard"
 
 
 def _fmt(value) -> str:
