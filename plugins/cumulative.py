@@ -10,7 +10,10 @@ class Cumulative(Plugin):
 
     The rehearsal upper bound with an unbounded memory: no forgetting from lack of data, at a
     cost that grows with the stream (Lomonaco et al. 2021, Avalanche's "Cumulative" baseline).
+    It owns the ``memory`` role: a bounded replay memory beside it would be redundant.
     """
+
+    owns = frozenset({"memory"})
 
     def __init__(self):
         self.past: list = []

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one key, e.g. --set train.epochs=1 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-experience lines")
+    run.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt of an earlier run")
     sub.add_parser("plugins", help="list built-in and installed plugins and where each comes from")
     sub.add_parser("methods", help="list the named recipes")
     demo = sub.add_parser("demo", help="run SFM-5 with a few methods and print a results table")
@@ -39,7 +40,7 @@ def _run(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    res = runner.run(cfg, out, console=False if args.quiet else None)
+    res = runner.run(cfg, out, console=False if args.quiet else None, resume=args.resume)
     print(f"final accuracy {res['final_accuracy']:.4f} | average incremental accuracy "
           f"{res['avg_incremental_accuracy']:.4f} | forgetting {_fmt(res['forgetting'])} | "
           f"train {res['train_seconds']:.1f} s")

@@ -6,6 +6,7 @@ the SFM-5 protocol, so a config may hold only what differs from it.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "train": {
         "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
         "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
+        "checkpoint_every": (_INT, 0),
     },
     "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True)},
 }
@@ -125,6 +127,8 @@ def _check(key: str, value: Any, types, choices=None) -> Any:
         raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
     if not isinstance(value, types):
         raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
     if key.endswith(POSITIVE) and value <= 0:
         raise ConfigError(f"'{key}' must be positive, got {value!r}")
     if types in (_INT, _NUM) and value < 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from streamcl.datasets import fashion_mnist
+from streamcl.errors import ConfigError
 from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
@@ -16,6 +18,26 @@ from streamcl.models import MLP, SmallCNN
 from streamcl.registry import build_plugin
 from streamcl.scenarios import Benchmark, class_incremental, domain_incremental
 from streamcl.strategy import Strategy
+
+
+def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
+    """Load ``out``'s last checkpoint; with none there (killed before the first), start from the beginning."""
+    if out is None:
+        raise ConfigError("resuming needs the output folder of the run to resume (--out)")
+    if not strategy.checkpoint_path.is_file():
+        print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning", file=sys.stderr)
+        return
+    saved = strategy.load_checkpoint()["config"]
+    changed = sorted(_diff(saved, cfg))
+    if changed:
+        raise ConfigError(f"{out} was written by a different config ({', '.join(changed)} differ); "
+                          "resume with the same config, or use a new --out")
+
+
+def _diff(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k for key in a.keys() | b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")}
+    return set() if a == b else {prefix.rstrip(".")}
 
 
 def seed_everything(seed: int) -> None:
@@ -57,10 +79,17 @@ def build_plugins(cfg: dict) -> tuple[list, bool]:
     return [build_plugin(p["name"], **{k: v for k, v in p.items() if k != "name"}) for p in cfg["plugins"]], False
 
 
-def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None) -> dict:
-    """Train and evaluate as ``cfg`` says; write results.json and TensorBoard under ``out``; return the results."""
+def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None, resume: bool = False,
+        benchmark: Benchmark | None = None) -> dict:
+    """Train and evaluate as ``cfg`` says; write results.json, TensorBoard and checkpoints under ``out``.
+
+    A checkpoint is written to ``out/checkpoints/last.pt`` after every experience (and every
+    ``train.checkpoint_every`` iterations if set). With ``resume`` the run goes on from it and ends
+    with the numbers an uninterrupted run gives. ``benchmark`` replaces the one the config names
+    (tests use tiny synthetic streams). Returns the results.
+    """
     seed_everything(cfg["seed"])
-    bench = build_benchmark(cfg)
+    bench = benchmark if benchmark is not None else build_benchmark(cfg)
     n_features = bench.train_stream[0].dataset[0][0].numel()
     model = build_model(cfg, bench.n_classes, n_features)
     plugins, offline = build_plugins(cfg)
@@ -76,9 +105,16 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     device = torch.device(t["device"])
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
-                        loggers=loggers, seed=cfg["seed"])
-    train_stream = [bench.train_stream.joined()] if offline else bench.train_stream
-    for experience in train_stream:
+                        loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",
+                        checkpoint_every=t["checkpoint_every"] or None)
+    strategy.checkpoint_meta = {"config": cfg}
+    if resume:
+        _resume(strategy, out, cfg)
+    train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
+    done = len(strategy.trained)
+    if done and len(strategy.metrics.matrix) < done:  # stopped between training and evaluation
+        strategy.eval(bench.test_stream)
+    for experience in train_stream[done:]:
         strategy.train(experience)
         strategy.eval(bench.test_stream)
     strategy.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from time import perf_counter
 from typing import Iterable, Iterator, Sequence
 
@@ -11,7 +12,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from streamcl.batch import Batch, Output
-from streamcl.errors import DataError, PluginError
+from streamcl.checks import check_experience, check_model_fits, non_finite_error
+from streamcl.checkpoint import Position
+from streamcl.errors import PluginError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
@@ -30,7 +33,8 @@ class Strategy:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
                  plugins: Sequence[object] = (), epochs: int = 1, batch_size: int = 128,
                  eval_batch_size: int | None = None, device=None, loggers: Sequence[object] = (),
-                 seed: int | None = None):
+                 seed: int | None = None, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int | None = None, check_finite: bool = True):
         from streamcl.loggers import resolve_loggers
         from streamcl.registry import resolve_plugins
 
@@ -39,13 +43,17 @@ class Strategy:
         self.criterion = criterion if criterion is not None else F.cross_entropy
         self.plugins, self.loggers = resolve_plugins(plugins), resolve_loggers(loggers)
         self.metrics = Metrics()
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("checkpoint_every", checkpoint_every)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.epochs, self.batch_size = epochs, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed if seed is not None else torch.initial_seed() % 2**63
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every, self.check_finite = checkpoint_every, check_finite
+        self.checkpoint_meta: dict = {}  # saved with every checkpoint (the runner keeps its config here)
         check_roles(self.plugins)
         self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
         hooks = self.pm.hook
@@ -55,7 +63,10 @@ class Strategy:
         self.global_step, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0
         self.experience: Experience | None = None
         self.train_dataset: Dataset | None = None
+        self.order: torch.Tensor | None = None
         self.epoch = self.iteration = 0
+        self._joined_data = False
+        self._resume_at: Position | None = None
         self.is_training = False
         self.batch: Batch | None = None
         self.output: Output | None = None
@@ -79,19 +90,32 @@ class Strategy:
 
     def _train_experience(self, exp: Experience) -> None:
         self.experience = exp
-        self._check_experience(exp)
-        self._adapt_model(exp)
-        extra = self._contributions("train_data", experience=exp)
-        self.train_dataset = self._on_device(join([exp.dataset, *extra]))
-        self.model.train()
-        self._emit("before_training_exp")
-        for self.epoch in range(self.epochs):
-            self._emit("before_training_epoch")
-            for self.iteration, batch in enumerate(self.batches(self.train_dataset, self.batch_size, shuffle=True)):
+        at, self._resume_at = self._resume_at, None  # a checkpoint taken inside this experience
+        if at is None:
+            check_experience(exp)
+            self._adapt_model(exp)
+            extra = self._contributions("train_data", experience=exp)
+            self.train_dataset, self._joined_data = self._on_device(join([exp.dataset, *extra])), bool(extra)
+            check_model_fits(self, self.train_dataset, exp)
+            self.model.train()
+            self._emit("before_training_exp")
+        else:
+            at.check(exp)
+            self.model.train()
+            self.train_dataset = self.train_dataset if self._joined_data else self._on_device(exp.dataset)
+        for self.epoch in range(at.epoch if at else 0, self.epochs):
+            start = at.iteration if at and self.epoch == at.epoch else 0
+            if not start:
+                self.order = torch.randperm(len(self.train_dataset), generator=self.generator)
+                self._emit("before_training_epoch")
+            batches = self.batches(self.train_dataset, self.batch_size, self.order, start)
+            for self.iteration, batch in enumerate(batches, start):
                 self._training_step(batch)
             self._emit("after_training_epoch")
         self.trained.append(exp)
         self._emit("after_training_exp")
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint()
 
     def _training_step(self, batch: Batch) -> None:
         self.batch = batch
@@ -106,6 +130,8 @@ class Strategy:
         self.loss_terms = {"task": self.loss}
         if self._hook["loss_terms"]:
             self._add_loss_terms()
+        if self.check_finite and not torch.isfinite(self.loss):
+            raise non_finite_error(self)
         self._emit("before_backward")
         self.loss.backward()
         self._emit("after_backward")
@@ -114,6 +140,8 @@ class Strategy:
         self._emit("after_update")
         self._emit("after_training_iteration")
         self.global_step += 1
+        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and self.checkpoint_dir:
+            self.save_checkpoint(position=True)
 
     def task_loss(self, output: Output, batch: Batch) -> torch.Tensor:
         """The criterion on the (adapted) logits and the labels."""
@@ -141,7 +169,8 @@ class Strategy:
         self._emit("before_eval")
         for exp in exps:
             self.experience = exp
-            self._check_experience(exp)
+            check_experience(exp)
+            check_model_fits(self, self._on_device(exp.dataset), None)
             self._emit("before_eval_exp")
             self.eval_results.append(self._eval_experience(exp))
             self._emit("after_eval_exp")
@@ -154,13 +183,13 @@ class Strategy:
         n = exp.n_classes
         correct = torch.zeros(n, dtype=torch.long, device=self.device)
         total = torch.zeros(n, dtype=torch.long, device=self.device)
-        for batch in self.batches(self._on_device(exp.dataset), self.eval_batch_size, shuffle=False):
+        for batch in self.batches(self._on_device(exp.dataset), self.eval_batch_size):
             self.batch = batch
             self._emit("before_eval_forward")
             self.output = self.forward(self.batch)
             self._emit("after_eval_forward")
-            y = self.batch.y
-            hit = self.output.logits.argmax(1) == y
+            y, logits = self.batch.y, self.output.logits
+            hit = logits.argmax(1) == y if logits.shape[1] else torch.zeros_like(y, dtype=torch.bool)
             total += torch.bincount(y, minlength=n)[:n]
             correct += torch.bincount(y[hit], minlength=n)[:n]
         return EvalCounts(exp.index, correct.cpu(), total.cpu())
@@ -177,17 +206,21 @@ class Strategy:
             logits = call_chain(self.pm, "adapt_logits", logits, strategy=self, features=features, batch=batch)
         return Output(logits, features)
 
-    def batches(self, data: Dataset, batch_size: int, shuffle: bool) -> Iterator[Batch]:
-        """Minibatches of ``data``: index slices of tensors when it is :class:`TensorData`, else a DataLoader."""
+    def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None,
+                start: int = 0) -> Iterator[Batch]:
+        """Minibatches of ``data`` taken in ``order`` (dataset order if ``None``), from batch ``start`` on.
+
+        Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader.
+        """
+        first = start * batch_size
         if isinstance(data, TensorData):
-            n = len(data)
-            order = torch.randperm(n, generator=self.generator).to(self.device) if shuffle else None
-            for i in range(0, n, batch_size):
-                idx = order[i:i + batch_size] if shuffle else slice(i, i + batch_size)
+            order = order.to(self.device) if order is not None else None
+            for i in range(first, len(data), batch_size):
+                idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
                 yield Batch(data.x[idx], data.y[idx], data.t[idx])
         else:
-            loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=self.generator)
-            for sample in loader:
+            sampler = order[first:].tolist() if order is not None else range(first, len(data))
+            for sample in DataLoader(data, batch_size=batch_size, sampler=sampler):
                 yield Batch.from_sample(sample).to(self.device)
 
     def _on_device(self, data: Dataset) -> Dataset:
@@ -216,9 +249,25 @@ class Strategy:
         self._returns_features = "return_features" in params
         self._takes_task = "task_labels" in params
 
-    def _check_experience(self, exp: Experience) -> None:
-        if len(exp) == 0:
-            raise DataError(f"{exp!r} is empty: a stream's experiences must hold at least one sample")
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: str | Path | None = None, position: bool = False) -> Path:
+        """Write everything needed to resume (atomically) to ``path``, default ``checkpoint_dir/last.pt``.
+
+        With ``position`` the checkpoint is taken inside the current experience, after this step.
+        """
+        from streamcl.checkpoint import save
+        return save(self, Path(path) if path else self.checkpoint_path, position)
+
+    def load_checkpoint(self, path: str | Path | None = None) -> dict:
+        """Restore a checkpoint into this strategy (built as the one that wrote it); returns its ``checkpoint_meta``."""
+        from streamcl.checkpoint import load
+        return load(self, Path(path) if path else self.checkpoint_path)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint_dir is None:
+            raise ValueError("no checkpoint_dir was given to this Strategy, so give a path")
+        return self.checkpoint_dir / "last.pt"
 
     def close(self) -> dict:
         """Finish the run: loggers write their last records (results.json, hparams); returns the metrics."""

@@ -79,19 +79,19 @@ def test_general_dataset_goes_through_a_dataloader():
     assert not isinstance(exp.dataset, TensorData) and exp.classes == (2, 3)
     model = MLP(8, [16], 4)
     strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, seed=0)
-    batches = list(strategy.batches(exp.dataset, 8, shuffle=True))
+    batches = list(strategy.batches(exp.dataset, 8, torch.randperm(40)))
     assert sum(len(b) for b in batches) == 40 and all(isinstance(b, Batch) for b in batches)
     assert set(torch.cat([b.y for b in batches]).tolist()) == {2, 3}
     strategy.train(exp)
     assert strategy.eval(bench.test_stream)["accuracy"][1] > 0.8
 
 
-def test_tensor_fast_path_is_index_slices_of_a_permutation():
+def test_tensor_fast_path_is_index_slices_of_an_order():
     data = blobs()
     model = MLP(8, [4], 4)
     strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=3)
-    batches = list(strategy.batches(data, 32, shuffle=True))
     perm = torch.randperm(80, generator=torch.Generator().manual_seed(3))
+    batches = list(strategy.batches(data, 32, perm))
     assert [len(b) for b in batches] == [32, 32, 16]
     assert torch.equal(torch.cat([b.x for b in batches]), data.x[perm])
 

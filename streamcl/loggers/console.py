@@ -27,12 +27,17 @@ class ConsoleLogger:
 
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
+        if self.bar is None:  # resumed inside an experience
+            self.before_training_exp(strategy)
         self.bar.update()
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
+        if self.bar is None:
+            self.before_training_exp(strategy)
         seconds = self.bar.format_dict["elapsed"]
         self.bar.close()
+        self.bar = None
         exp = strategy.experience
         print(f"trained experience {exp.index} (classes {list(exp.classes)}) in {seconds:.1f} s",
               file=self.stream)

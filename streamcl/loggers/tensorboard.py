@@ -42,8 +42,10 @@ class TensorBoardLogger:
 
         self.log_dir = Path(log_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
         self.config = config
+        self.flush_secs = flush_secs
         self.writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
         self._described = False
+        self._step = 0
 
     @hookimpl
     def before_training(self, strategy) -> None:
@@ -58,7 +60,7 @@ class TensorBoardLogger:
     def after_training_iteration(self, strategy) -> None:
         terms = strategy.loss_terms
         values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
-        step = strategy.global_step
+        step = self._step = strategy.global_step
         for name, value in zip(terms, values):
             self.writer.add_scalar(f"loss/{name}", value, step)
         self.writer.add_scalar("loss/total", sum(values), step)
@@ -80,6 +82,17 @@ class TensorBoardLogger:
         self.writer.add_image("accuracy_matrix", matrix_image(R), step)
         self.writer.add_text("accuracy_matrix", matrix_markdown(R), step)
         self.writer.flush()
+
+    def state_dict(self) -> dict:
+        return {"step": self._step, "described": self._described}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on after a checkpoint: loss points a killed run wrote past it are purged from the view."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self._described = state["described"]
+        self.writer = SummaryWriter(str(self.log_dir), flush_secs=self.flush_secs, purge_step=state["step"] + 1)
 
     def close(self, strategy) -> None:
         summary = strategy.metrics.summary()

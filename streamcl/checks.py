@@ -1,0 +1,71 @@
+"""Refusing bad input before it costs anything: each check raises an error that says what to do."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from streamcl.errors import DataError, TrainingError
+from streamcl.scenarios import Experience, TensorData, targets_of
+
+GROWING_HEAD = ("give the model as many outputs as the stream has classes, or a head that grows with the "
+                "classes seen: MLP(..., growing=True) or streamcl.models.IncrementalLinear")
+
+
+def check_experience(exp: Experience) -> None:
+    """An experience must hold samples, and every label must lie in ``0 .. n_classes - 1``."""
+    if len(exp) == 0:
+        raise DataError(f"{exp!r} is empty: a stream's experiences must hold at least one sample")
+    data = exp.dataset
+    if not (isinstance(data, TensorData) or hasattr(data, "targets")):
+        return  # labels are checked batch by batch by the loss instead of reading the whole dataset here
+    y = data.y if isinstance(data, TensorData) else targets_of(data)
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= exp.n_classes:
+        bad = low if low < 0 else high
+        raise DataError(f"{exp!r} holds label {bad}, outside the stream's classes 0..{exp.n_classes - 1}; "
+                        "fix the labels or build the stream with the right number of classes")
+
+
+def _first_samples(data: Dataset, device: torch.device, n: int = 2):
+    if isinstance(data, TensorData):
+        return data.x[:n].to(device), data.t[:n].to(device)
+    samples = [data[i] for i in range(min(n, len(data)))]
+    x = torch.stack([torch.as_tensor(s[0]) for s in samples]).to(device)
+    t = torch.as_tensor([int(s[2]) if len(s) > 2 else 0 for s in samples], device=device)
+    return x, t
+
+
+@torch.no_grad()
+def check_model_fits(strategy, data: Dataset, exp: Experience | None) -> None:
+    """A dry forward pass on two samples: inputs must fit the model and, when ``exp`` is given
+    (training), its outputs must cover every label of ``data``."""
+    model = strategy.model
+    x, t = _first_samples(data, strategy.device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x, task_labels=t) if strategy._takes_task else model(x)
+    except RuntimeError as err:
+        raise DataError(f"inputs of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: {err}") from None
+    finally:
+        model.train(was_training)
+    logits = out[0] if isinstance(out, tuple) else out
+    if exp is None:
+        return
+    y = data.y if isinstance(data, TensorData) else targets_of(data)
+    high = int(y.max())
+    if logits.ndim != 2 or logits.shape[1] <= high:
+        raise DataError(f"the model gives {logits.shape[1] if logits.ndim == 2 else tuple(logits.shape)} outputs "
+                        f"per sample, but {exp!r} holds label {high} (the stream has {exp.n_classes} classes); "
+                        f"{GROWING_HEAD}")
+
+
+def non_finite_error(strategy) -> TrainingError:
+    """The error for a non-finite loss: which terms, where in the stream, and what is still safe."""
+    bad = [name for name, v in strategy.loss_terms.items() if not torch.isfinite(v.detach()).all()] or ["total"]
+    where = (f"experience {strategy.experience.index}, epoch {strategy.epoch}, iteration {strategy.iteration} "
+             f"(step {strategy.global_step})")
+    saved = (f"the last checkpoint ({strategy.checkpoint_path}) was written before this step and is intact"
+             if strategy.checkpoint_dir is not None else "no checkpoint_dir was set")
+    return TrainingError(f"non-finite loss term(s) {', '.join(map(repr, bad))} at {where}; nothing was updated; "
+                         f"{saved}. Lower the learning rate or the term's weight.")

@@ -1,0 +1,57 @@
+"""Shared pieces of the reliability tests: every built-in plugin and recipe, tiny runs, injected crashes."""
+from __future__ import annotations
+
+import torch
+
+from streamcl import config, runner
+from streamcl.methods import RECIPES
+from streamcl.registry import available_plugins
+from streamcl.scenarios import class_incremental
+from tests.synthetic import blobs
+
+BUILTIN_PLUGINS = sorted(n for n, info in available_plugins().items() if info.builtin)
+RECIPE_NAMES = sorted(RECIPES)
+# (label, config part) for every built-in plugin alone and every recipe
+UNITS = [(f"plugin:{n}", {"plugins": [{"name": n}]}) for n in BUILTIN_PLUGINS] + \
+        [(f"method:{n}", {"method": {"name": n}}) for n in RECIPE_NAMES]
+
+
+class Crash(Exception):
+    """Stands for the process dying: nothing after it runs."""
+
+
+def tiny_config(part: dict, checkpoint_every: int = 3, seed: int = 0) -> dict:
+    return config.parse({"seed": seed, "model": {"hidden": [16]},
+                         "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "lr": 0.1,
+                                   "checkpoint_every": checkpoint_every},
+                         "log": {"tensorboard": False, "console": False}, **part})
+
+
+def tiny_benchmark():
+    """3 experiences of 2 classes, 40 training samples each: 3 steps an epoch at batch 16."""
+    return class_incremental(blobs(n_classes=6), blobs(10, 6, seed=1), 3)
+
+
+def tiny_run(part: dict, out=None, resume: bool = False, **kwargs) -> dict:
+    return runner.run(tiny_config(part, **kwargs), out, resume=resume, benchmark=tiny_benchmark())
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """Make the optimizer's ``step``-th update (1-based) raise :class:`Crash` before it changes anything."""
+    original, calls = torch.optim.SGD.step, [0]
+
+    def step_or_crash(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            raise Crash(f"crash at step {step}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_or_crash)
+
+
+NUMBERS = ("accuracy_matrix", "final_accuracy", "avg_incremental_accuracy", "forgetting", "bwt",
+           "seen_accuracy", "old_accuracy", "new_accuracy")
+
+
+def numbers(results: dict) -> dict:
+    return {k: results[k] for k in NUMBERS}
