@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from time import perf_counter
 from typing import Iterable, Iterator, Sequence
@@ -130,7 +131,7 @@ class Strategy:
         self.loss_terms = {"task": self.loss}
         if self._hook["loss_terms"]:
             self._add_loss_terms()
-        if self.check_finite and not torch.isfinite(self.loss):
+        if self.check_finite and not math.isfinite(self.loss.item()):
             raise non_finite_error(self)
         self._emit("before_backward")
         self.loss.backward()
