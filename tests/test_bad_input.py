@@ -99,3 +99,12 @@ def test_non_finite_check_can_be_turned_off():
     s = make(plugins=[Explode(at=0)], check_finite=False)
     s.train(tiny_benchmark().train_stream[0])  # runs; the model is now NaN, as asked
     assert not torch.isfinite(next(s.model.parameters())).all()
+
+
+def test_a_device_the_machine_lacks():
+    from streamcl import config
+
+    with pytest.raises(ConfigError, match=r"train.device = 'cuda:7'.*CUDA device"):
+        config.parse({"train": {"device": "cuda:7"}})
+    with pytest.raises(ConfigError, match="not a torch device"):
+        config.parse({"train": {"device": "toaster"}})
