@@ -20,6 +20,10 @@ class Batch(NamedTuple):
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.x.to(device), self.y.to(device), self.t.to(device))
 
+    def select(self, index) -> Batch:
+        """The samples at ``index``."""
+        return Batch(self.x[index], self.y[index], self.t[index])
+
     def cat(self, *others: Batch) -> Batch:
         """This batch followed by ``others``."""
         parts = (self, *others)

@@ -41,6 +41,9 @@ def _run(args) -> int:
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     res = runner.run(cfg, out, console=False if args.quiet else None, resume=args.resume)
+    from streamcl.distributed import is_main
+    if not is_main():
+        return 0
     print(f"final accuracy {res['final_accuracy']:.4f} | average incremental accuracy "
           f"{res['avg_incremental_accuracy']:.4f} | forgetting {_fmt(res['forgetting'])} | "
           f"train {res['train_seconds']:.1f} s")

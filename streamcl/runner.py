@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamcl import distributed as dist
 from streamcl.datasets import fashion_mnist
 from streamcl.errors import ConfigError
 from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
@@ -25,7 +26,9 @@ def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
     if out is None:
         raise ConfigError("resuming needs the output folder of the run to resume (--out)")
     if not strategy.checkpoint_path.is_file():
-        print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning", file=sys.stderr)
+        if dist.is_main():
+            print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning",
+                  file=sys.stderr)
         return
     saved = strategy.load_checkpoint()["config"]
     changed = sorted(_diff(saved, cfg))
@@ -88,21 +91,21 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     with the numbers an uninterrupted run gives. ``benchmark`` replaces the one the config names
     (tests use tiny synthetic streams). Returns the results.
     """
+    device = dist.init(cfg["train"]["device"])  # joins torchrun's process group, if any
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
     n_features = bench.train_stream[0].dataset[0][0].numel()
     model = build_model(cfg, bench.n_classes, n_features)
     plugins, offline = build_plugins(cfg)
     loggers: list = []
-    if out is not None:
+    if out is not None and dist.is_main():  # only rank 0 writes results and TensorBoard
         out = Path(out)
         loggers.append(JSONLogger(out / "results.json", cfg))
         if cfg["log"]["tensorboard"]:
             loggers.append(TensorBoardLogger(out / "tensorboard", cfg))
-    if cfg["log"]["console"] if console is None else console:
+    if (cfg["log"]["console"] if console is None else console) and dist.is_main():
         loggers.append(ConsoleLogger())
     t = cfg["train"]
-    device = torch.device(t["device"])
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",

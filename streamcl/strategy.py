@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
 from streamcl.checks import check_experience, check_model_fits, non_finite_error
 from streamcl.checkpoint import Position
@@ -35,14 +36,17 @@ class Strategy:
                  plugins: Sequence[object] = (), epochs: int = 1, batch_size: int = 128,
                  eval_batch_size: int | None = None, device=None, loggers: Sequence[object] = (),
                  seed: int | None = None, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int | None = None, check_finite: bool = True):
+                 checkpoint_every: int | None = None, check_finite: bool = True, ddp: dict | None = None):
         from streamcl.loggers import resolve_loggers
         from streamcl.registry import resolve_plugins
 
-        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.device = dist.init(device or next(model.parameters()).device)
+        self.world, self.ddp_options = dist.world_size(), dict(ddp or {})
         self.model, self.optimizer = model.to(self.device), optimizer
+        self._net = self.model  # what the training forward calls: the model, or the model in DDP
         self.criterion = criterion if criterion is not None else F.cross_entropy
-        self.plugins, self.loggers = resolve_plugins(plugins), resolve_loggers(loggers)
+        self.plugins = resolve_plugins(plugins)
+        self.loggers = resolve_loggers(loggers) if dist.is_main() else []  # only rank 0 logs
         self.metrics = Metrics()
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                             ("checkpoint_every", checkpoint_every)):
@@ -122,7 +126,10 @@ class Strategy:
         self.batch = batch
         self._emit("before_training_iteration")
         if self._hook["replay_batch"]:
-            self.batch = self.batch.cat(*self._contributions("replay_batch", batch=self.batch))
+            extra = self._contributions("replay_batch", batch=self.batch)
+            if self.world > 1:  # every rank drew the same samples: keep this rank's share
+                extra = [b.select(dist.shard(torch.arange(len(b), device=b.y.device))) for b in extra if len(b)]
+            self.batch = self.batch.cat(*extra)
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")
         self.output = self.forward(self.batch)
@@ -131,7 +138,7 @@ class Strategy:
         self.loss_terms = {"task": self.loss}
         if self._hook["loss_terms"]:
             self._add_loss_terms()
-        if self.check_finite and not math.isfinite(self.loss.item()):
+        if self.check_finite and not self._loss_is_finite():
             raise non_finite_error(self)
         self._emit("before_backward")
         self.loss.backward()
@@ -193,16 +200,19 @@ class Strategy:
             hit = logits.argmax(1) == y if logits.shape[1] else torch.zeros_like(y, dtype=torch.bool)
             total += torch.bincount(y, minlength=n)[:n]
             correct += torch.bincount(y[hit], minlength=n)[:n]
+        if self.world > 1:  # each rank saw its share of every batch
+            dist.all_reduce(correct), dist.all_reduce(total)
         return EvalCounts(exp.index, correct.cpu(), total.cpu())
 
     # ------------------------------------------------------------------------------- pieces
     def forward(self, batch: Batch) -> Output:
         """The model on ``batch.x`` (and task labels, if it takes them), then every ``adapt_logits``."""
         kwargs = {"task_labels": batch.t} if self._takes_task else {}
+        net = self._net if self.is_training else self.model
         if self._returns_features:
-            logits, features = self.model(batch.x, return_features=True, **kwargs)
+            logits, features = net(batch.x, return_features=True, **kwargs)
         else:
-            logits, features = self.model(batch.x, **kwargs), None
+            logits, features = net(batch.x, **kwargs), None
         if self._hook["adapt_logits"]:
             logits = call_chain(self.pm, "adapt_logits", logits, strategy=self, features=features, batch=batch)
         return Output(logits, features)
@@ -211,17 +221,21 @@ class Strategy:
                 start: int = 0) -> Iterator[Batch]:
         """Minibatches of ``data`` taken in ``order`` (dataset order if ``None``), from batch ``start`` on.
 
-        Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader.
+        Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader. Under
+        torchrun each batch of ``batch_size`` (the global batch) is split across ranks.
         """
-        first = start * batch_size
+        first, n = start * batch_size, len(data)
         if isinstance(data, TensorData):
             order = order.to(self.device) if order is not None else None
-            for i in range(first, len(data), batch_size):
+            for i in range(first, n, batch_size):
                 idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
+                if self.world > 1:
+                    idx = dist.shard(idx if order is not None else torch.arange(n, device=self.device)[idx])
                 yield Batch(data.x[idx], data.y[idx], data.t[idx])
         else:
-            sampler = order[first:].tolist() if order is not None else range(first, len(data))
-            for sample in DataLoader(data, batch_size=batch_size, sampler=sampler):
+            order = order if order is not None else torch.arange(n)
+            sampler = [dist.shard(order[i:i + batch_size]).tolist() for i in range(first, n, batch_size)]
+            for sample in DataLoader(data, batch_sampler=sampler):
                 yield Batch.from_sample(sample).to(self.device)
 
     def _on_device(self, data: Dataset) -> Dataset:
@@ -244,6 +258,14 @@ class Strategy:
         groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
         sync_optimizer(self.optimizer, self.model, groups)
         self._inspect_model()
+        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+
+    def _loss_is_finite(self) -> bool:
+        finite = math.isfinite(self.loss.item())
+        if self.world > 1:  # one rank's bad loss stops every rank, together
+            flag = torch.tensor([float(finite)], device=self.device)
+            finite = dist.all_reduce(flag, "min").item() == 1.0
+        return finite
 
     def _inspect_model(self) -> None:
         params = inspect.signature(self.model.forward).parameters
@@ -257,12 +279,15 @@ class Strategy:
         With ``position`` the checkpoint is taken inside the current experience, after this step.
         """
         from streamcl.checkpoint import save
-        return save(self, Path(path) if path else self.checkpoint_path, position)
+        path = Path(path) if path else self.checkpoint_path
+        return save(self, path, position) if dist.is_main() else path  # every rank holds the same state
 
     def load_checkpoint(self, path: str | Path | None = None) -> dict:
         """Restore a checkpoint into this strategy (built as the one that wrote it); returns its ``checkpoint_meta``."""
         from streamcl.checkpoint import load
-        return load(self, Path(path) if path else self.checkpoint_path)
+        meta = load(self, Path(path) if path else self.checkpoint_path)
+        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+        return meta
 
     @property
     def checkpoint_path(self) -> Path:

@@ -27,13 +27,14 @@ def tiny_config(part: dict, checkpoint_every: int = 3, seed: int = 0) -> dict:
                          "log": {"tensorboard": False, "console": False}, **part})
 
 
-def tiny_benchmark():
-    """3 experiences of 2 classes, 40 training samples each: 3 steps an epoch at batch 16."""
-    return class_incremental(blobs(n_classes=6), blobs(10, 6, seed=1), 3)
+def tiny_benchmark(n_experiences: int = 3):
+    """Experiences of 2 classes, 40 training samples each: 3 steps an epoch at batch 16."""
+    n = 2 * n_experiences
+    return class_incremental(blobs(n_classes=n), blobs(10, n, seed=1), n_experiences)
 
 
-def tiny_run(part: dict, out=None, resume: bool = False, **kwargs) -> dict:
-    return runner.run(tiny_config(part, **kwargs), out, resume=resume, benchmark=tiny_benchmark())
+def tiny_run(part: dict, out=None, resume: bool = False, n_experiences: int = 3, **kwargs) -> dict:
+    return runner.run(tiny_config(part, **kwargs), out, resume=resume, benchmark=tiny_benchmark(n_experiences))
 
 
 def crash_at_step(monkeypatch, step: int) -> None:
