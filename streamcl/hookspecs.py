@@ -74,7 +74,8 @@ def after_training_iteration(strategy: Strategy) -> None:
 
 @hookspec
 def before_forward(strategy: Strategy) -> None:
-    """Before the training forward pass on ``strategy.batch`` (replay already joined)."""
+    """Before the training forward pass on ``strategy.batch`` (replay already joined after the first
+    ``strategy.n_current`` samples)."""
 
 
 @hookspec

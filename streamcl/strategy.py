@@ -69,7 +69,7 @@ class Strategy:
         self.experience: Experience | None = None
         self.train_dataset: Dataset | None = None
         self.order: torch.Tensor | None = None
-        self.epoch = self.iteration = 0
+        self.epoch = self.iteration = self.n_current = 0
         self._joined_data = False
         self._resume_at: Position | None = None
         self.is_training = False
@@ -125,6 +125,7 @@ class Strategy:
     def _training_step(self, batch: Batch) -> None:
         self.batch = batch
         self._emit("before_training_iteration")
+        self.n_current = len(self.batch)  # samples of the experience; replayed ones follow them
         if self._hook["replay_batch"]:
             extra = self._contributions("replay_batch", batch=self.batch)
             if self.world > 1:  # every rank drew the same samples: keep this rank's share
@@ -302,6 +303,10 @@ class Strategy:
             if callable(close):
                 close(self)
         return self.metrics.summary()
+
+    def owner(self, role: str):
+        """The plugin that owns ``role`` (for example "memory"), or ``None``."""
+        return next((p for p in self.plugins if role in getattr(p, "owns", ())), None)
 
     @property
     def plugin_names(self) -> list[str]:

@@ -1,4 +1,6 @@
-"""Replay memory: budgets (and, with the rehearsal family, storage and selection)."""
+"""Replay memory: preallocated storage, budgets, and selection (herding, reservoir, balancing)."""
 from streamcl.memory.budget import Budget
+from streamcl.memory.selection import balanced, herding, random_pick, reservoir
+from streamcl.memory.storage import Codec, Memory
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "Codec", "Memory", "balanced", "herding", "random_pick", "reservoir"]

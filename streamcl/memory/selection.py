@@ -1,0 +1,72 @@
+"""Which samples a memory keeps: herding, reservoir sampling, and balancing over classes or experiences.
+
+Every function is pure (tensors in, indices out) and draws randomness only from the generator it
+is given, so a memory makes the same choices on every rank and after a resume.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def herding(features: Tensor, m: int) -> Tensor:
+    """The first ``m`` herding picks over ``features``, in order (iCaRL, Rebuffi et al. 2017, Alg. 4).
+
+    Features are L2-normalised; pick k is the sample that brings the mean of the k chosen closest
+    to the mean of all: ``argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||``, without repeats.
+    """
+    phi = F.normalize(features.float(), dim=1)
+    mu = phi.mean(0)
+    m = min(m, len(phi))
+    chosen = torch.empty(m, dtype=torch.long, device=phi.device)
+    running = torch.zeros_like(mu)
+    taken = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
+    for k in range(m):
+        gap = (mu - (running + phi) / (k + 1)).pow(2).sum(1)
+        gap[taken] = float("inf")
+        i = gap.argmin()
+        chosen[k], taken[i] = i, True
+        running += phi[i]
+    return chosen
+
+
+def reservoir(seen: int, n: int, capacity: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Reservoir sampling (Vitter 1985, Algorithm R) of ``n`` new items after ``seen`` earlier ones.
+
+    Item i (the ``seen + i``-th of the stream) goes to slot ``seen + i`` while the memory fills,
+    then to a uniform slot j in ``0 .. seen + i`` if j < capacity. Returns ``(slots, items)``: item
+    ``items[k]`` is written to ``slots[k]``; when two items draw one slot only the later is kept,
+    as if they were inserted one by one.
+    """
+    count = seen + torch.arange(n)
+    draw = (torch.rand(n, generator=generator) * (count + 1)).long()
+    slots = torch.where(count < capacity, count, draw)
+    items = torch.arange(n)
+    keep = slots < capacity
+    slots, items = slots[keep], items[keep]
+    key = slots * max(n, 1) + items
+    order = key.argsort()
+    slots, items = slots[order], items[order]
+    last = torch.ones(len(slots), dtype=torch.bool)
+    last[:-1] = slots[1:] != slots[:-1]
+    return slots[last], items[last]
+
+
+def random_pick(n: int, m: int, generator: torch.Generator) -> Tensor:
+    """``m`` of ``n`` indices, uniformly without replacement, in random order."""
+    return torch.randperm(n, generator=generator)[:m]
+
+
+def balanced(groups: Tensor, quotas: dict[int, int], priority: Tensor | None = None) -> Tensor:
+    """Indices to keep so that group g keeps at most ``quotas[g]`` members (0 for groups not named).
+
+    Within a group the members come in ``priority`` order (default: index order), so a shrinking
+    quota drops the members picked last (iCaRL's "reduce exemplar set", Alg. 5).
+    """
+    order = priority if priority is not None else torch.arange(len(groups), device=groups.device)
+    keep = []
+    for g, q in quotas.items():
+        members = order[groups[order] == g]
+        keep.append(members[:q])
+    return torch.cat(keep) if keep else torch.empty(0, dtype=torch.long, device=groups.device)
