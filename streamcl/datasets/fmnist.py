@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, flatten: bool = True
     for folder in folders:
         paths = {split: [_find(folder, s) for s in stems] for split, stems in FILES.items()}
         if all(p is not None for ps in paths.values() for p in ps):
-            return tuple(_to_tensors(*paths[s], flatten, normalize) for s in ("train", "test"))  # type: ignore
+            return _load(tuple(p.resolve() for s in ("train", "test") for p in paths[s]), flatten, normalize)
     if download:
         data = _download(root)
         if data is not None:
@@ -70,8 +71,11 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, flatten: bool = True
     raise DatasetNotFound(HOW_TO_GET.format(debian=DEBIAN_ROOT, looked=", ".join(map(str, folders))))
 
 
-def _to_tensors(images: Path, labels: Path, flatten: bool, normalize: bool) -> TensorData:
-    return _to_tensors_arrays(read_idx(images), read_idx(labels), flatten, normalize)
+@lru_cache(maxsize=4)
+def _load(paths: tuple[Path, ...], flatten: bool, normalize: bool) -> tuple[TensorData, TensorData]:
+    """Parsed once per process: every stream builder copies what it takes, so sharing is safe."""
+    tr_x, tr_y, te_x, te_y = (read_idx(p) for p in paths)
+    return _to_tensors_arrays(tr_x, tr_y, flatten, normalize), _to_tensors_arrays(te_x, te_y, flatten, normalize)
 
 
 def _to_tensors_arrays(images: np.ndarray, labels: np.ndarray, flatten: bool, normalize: bool) -> TensorData:

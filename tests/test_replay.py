@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from streamcl import Batch, ConfigError, Strategy
+from streamcl.models import MLP
+from streamcl.plugins import Replay
+from tests.accuracy import mean_final, protocol_runs
+from tests.synthetic import tiny_benchmark
+
+
+def train(plugin, n_classes=6, n_exp=3, **kwargs):
+    torch.manual_seed(0)
+    bench = tiny_benchmark(n_classes, n_exp)
+    model = MLP(8, [16], n_classes)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin], batch_size=16, seed=0,
+                 **kwargs)
+    for exp in bench.train_stream:
+        s.train(exp)
+    return s, bench
+
+
+def test_class_balanced_memory_splits_the_total_over_classes_seen():
+    plugin = Replay(memory=12)
+    s, bench = train(plugin, n_exp=3)
+    labels = plugin.memory.labels
+    assert len(plugin.memory) == 12 and torch.bincount(labels, minlength=6).tolist() == [2] * 6
+    assert plugin.capacity == 12
+
+
+def test_old_classes_keep_their_first_picks_when_quotas_shrink():
+    plugin = Replay(memory=12)
+    s, bench = train(plugin, n_exp=2)
+    first = plugin.memory.inputs()[plugin.memory.labels == 0][:3].clone()  # 6 per class after 2 experiences
+    s.train(tiny_benchmark(6, 3).train_stream[2])
+    assert torch.equal(plugin.memory.inputs()[plugin.memory.labels == 0], first[:2])
+
+
+def test_herding_selection_matches_herding_on_the_features():
+    from streamcl.memory import herding
+
+    plugin = Replay(memory=4, selection="herding")
+    s, bench = train(plugin, n_classes=4, n_exp=2)
+    # the two class-2 exemplars are the first two herding picks over class 2's features
+    data = bench.train_stream[1].dataset
+    x2 = data.x[data.y == 2]
+    s.model.eval()
+    with torch.no_grad():
+        feats = s.model(x2, return_features=True)[1]
+    assert torch.equal(plugin.memory.inputs()[plugin.memory.labels == 2], x2[herding(feats, 1)])
+
+
+def test_experience_balanced_and_random_and_reservoir_fill_the_memory():
+    for selection in ("experience_balanced", "random", "reservoir"):
+        plugin = Replay(memory=10, selection=selection)
+        train(plugin, n_exp=3)
+        assert len(plugin.memory) == 10, selection
+    plugin = Replay(memory=9, selection="experience_balanced")
+    train(plugin, n_exp=3)
+    assert torch.bincount(plugin.memory.extras["experience"][:9]).tolist() == [3, 3, 3]
+
+
+def test_replay_batch_is_drawn_from_memory_and_joined():
+    sizes = []
+    plugin = Replay(memory=8, batch_size=5)
+
+    class Spy:
+        from streamcl import hookimpl
+
+        @hookimpl
+        def before_forward(self, strategy):
+            sizes.append((strategy.n_current, len(strategy.batch)))
+
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model = MLP(8, [16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, Spy()], batch_size=16, seed=0)
+    s.train(bench.train_stream[0])
+    assert all(n == total for n, total in sizes)  # empty memory: nothing replayed
+    sizes.clear()
+    s.train(bench.train_stream[1])
+    assert sizes == [(16, 21), (16, 21), (8, 13)]
+
+
+def test_memory_bytes_report_how_many_samples_fit():
+    plugin = Replay(memory_bytes=10 * (8 * 4 + 16), compress="uint8")
+    train(plugin, n_exp=2)
+    assert plugin.capacity == (10 * 48) // (8 + 8 + 16) == 15
+
+
+@pytest.mark.parametrize("kwargs", [dict(memory=0), dict(memory=-1), dict(memory_bytes=0), dict(selection="best"),
+                                    dict(batch_size=0), dict(memory=None)])
+def test_bad_replay_settings(kwargs):
+    with pytest.raises(ConfigError):
+        Replay(**kwargs)
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = Replay(memory=12)
+    s, bench = train(a, n_exp=2)
+    b = Replay(memory=12)
+    b.load_state_dict(a.state_dict())
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(a.memory.sample(7, g1)[1].x, b.memory.sample(7, g2)[1].x)
+
+
+# ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
+REPLAY = {"plugins": [{"name": "replay", "memory": 500}]}
+
+
+@pytest.mark.slow
+def test_replay_500_on_sfm5():
+    assert mean_final(REPLAY) >= 0.78
+
+
+@pytest.mark.slow
+def test_replay_2000_on_sfm5():
+    assert mean_final({"plugins": [{"name": "replay", "memory": 2000}]}) >= 0.81
+
+
+@pytest.mark.slow
+def test_compressed_replay_in_the_bytes_of_500_samples_beats_replay_500():
+    part = {"plugins": [{"name": "replay", "memory_bytes": 500 * (784 * 4 + 16), "compress": "uint8"}]}
+    assert mean_final(part) > mean_final(REPLAY)
+    assert all(r["final_accuracy"] > 0.79 for r in protocol_runs(part))
