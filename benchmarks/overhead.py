@@ -1,4 +1,9 @@
-"""Engine overhead on SFM-5: ``Strategy`` with no plugins vs. the fastest simple hand-written loop.
+"""Engine overhead on SFM-5: ``Strategy`` vs. the fastest simple hand-written loop doing the same work.
+
+``--method naive`` (default): no plugins vs. a plain loop. ``--method replay``: ``Replay(memory=500)``
+vs. a hand-written experience-replay loop (class-balanced random memory of 500 samples updated
+after each experience; every minibatch joined by 128 samples drawn uniformly from memory).
+
 
 Both train the protocol's MLP (784-256-256-10, SGD lr 0.01 momentum 0.9, batch 128, 2 epochs
 per experience) on real Split Fashion-MNIST from the same initial weights, in the same batch
@@ -6,7 +11,7 @@ order (shuffled index slices of in-memory tensors), alternating in one process. 
 checks that both ended with the same weights, so they did the same work. Prints per-iteration
 times and, on the last line, ``ratio <median of per-round Strategy/hand time ratios>``.
 
-    python benchmarks/overhead.py [--rounds 9] [--warmup 1]
+    python benchmarks/overhead.py [--method naive|replay] [--rounds 9] [--warmup 1]
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from streamcl import Strategy
 from streamcl.datasets import fashion_mnist
 from streamcl.models import MLP
+from streamcl.plugins import Replay
 from streamcl.scenarios import class_incremental
 
 EPOCHS, BATCH, LR, MOMENTUM = 2, 128, 0.01, 0.9
@@ -30,9 +36,15 @@ def optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def hand_loop(model, stream, seed: int) -> int:
-    """The reference: per experience and epoch, a randperm, then index slices, forward, backward, step."""
+MEMORY = 500
+
+
+def hand_loop(model, stream, seed: int, replay: bool = False) -> int:
+    """The reference: per experience and epoch, a randperm, then index slices, forward, backward, step;
+    with ``replay``, each minibatch also takes BATCH random memory samples, and the memory is rebuilt
+    after each experience (old classes keep their first quota, new classes a random pick)."""
     opt, gen, steps = optimizer(model), torch.Generator().manual_seed(seed), 0
+    mem_x, mem_y, classes = None, None, []
     model.train()
     for exp in stream:
         x, y = exp.dataset.x, exp.dataset.y
@@ -40,16 +52,33 @@ def hand_loop(model, stream, seed: int) -> int:
             perm = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), BATCH):
                 idx = perm[i:i + BATCH]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                xb, yb = x[idx], y[idx]
+                if replay and mem_y is not None:
+                    r = torch.randint(len(mem_y), (BATCH,), generator=gen)
+                    xb, yb = torch.cat([xb, mem_x[r]]), torch.cat([yb, mem_y[r]])
+                loss = F.cross_entropy(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 steps += 1
+        if replay:
+            classes += list(exp.classes)
+            quota = {c: MEMORY // len(classes) + (k < MEMORY % len(classes)) for k, c in enumerate(classes)}
+            pool_x = x if mem_x is None else torch.cat([mem_x, x])
+            pool_y = y if mem_y is None else torch.cat([mem_y, y])
+            n_old = 0 if mem_y is None else len(mem_y)
+            keep = [torch.nonzero(pool_y[:n_old] == c).flatten()[:quota[c]] for c in classes if c not in exp.classes]
+            for c in exp.classes:
+                members = torch.nonzero(pool_y == c).flatten()
+                keep.append(members[torch.randperm(len(members), generator=gen)[:quota[c]]])
+            keep = torch.cat(keep)
+            mem_x, mem_y = pool_x[keep], pool_y[keep]
     return steps
 
 
-def engine_loop(model, stream, seed: int) -> int:
-    strategy = Strategy(model, optimizer(model), epochs=EPOCHS, batch_size=BATCH, seed=seed)
+def engine_loop(model, stream, seed: int, replay: bool = False) -> int:
+    plugins = [Replay(memory=MEMORY)] if replay else []
+    strategy = Strategy(model, optimizer(model), plugins=plugins, epochs=EPOCHS, batch_size=BATCH, seed=seed)
     for exp in stream:
         strategy.train(exp)
     return strategy.global_step
@@ -63,6 +92,7 @@ def timed(fn, *args) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=("naive", "replay"), default="naive")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     args = parser.parse_args()
@@ -76,7 +106,7 @@ def main() -> None:
         for name, fn in (("hand", hand_loop), ("engine", engine_loop))[:: 1 if r % 2 == 0 else -1]:
             model = MLP()
             model.load_state_dict(copy.deepcopy(init))
-            seconds, steps = timed(fn, model, stream, r)
+            seconds, steps = timed(fn, model, stream, r, args.method == "replay")
             models[name] = (model, seconds, steps)
         (hm, ht, hs), (em, et, es) = models["hand"], models["engine"]
         same = hs == es and all(torch.equal(a, b) for a, b in zip(hm.state_dict().values(), em.state_dict().values()))
