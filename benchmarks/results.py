@@ -16,7 +16,8 @@ from streamcl import config, runner
 from streamcl.methods import RECIPES
 
 # Final average accuracy on SFM-5, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md).
-REFERENCE = {"naive": 0.199, "joint": 0.860, "cumulative": 0.870}
+REFERENCE = {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
+             "er_ace": 0.778, "dark_replay": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787}
 PROTOCOL = "SFM-5 (Split Fashion-MNIST, 5 experiences of 2 classes, class-incremental; MLP 784-256-256-10, " \
            "SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience)"
 
@@ -29,9 +30,19 @@ def fmt(values: list, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def method_table(spec: str) -> dict:
+    """``name:key=value,key=value`` as a config's [method] table (values read as TOML)."""
+    name, _, args = spec.partition(":")
+    table = {"name": name}
+    for item in filter(None, args.split(",")):
+        config.apply_override(table, item)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(RECIPES))
+    parser.add_argument("--methods", nargs="+", default=[*RECIPES, "replay:memory=2000"],
+                        help="recipe names, optionally with arguments: replay:memory=2000,selection=herding")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="docs/results.md")
     args = parser.parse_args()
@@ -40,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
             for seed in args.seeds:
-                cfg = config.parse({"seed": seed, "method": {"name": name}, "log": {"tensorboard": False}})
+                cfg = config.parse({"seed": seed, "method": method_table(name), "log": {"tensorboard": False}})
                 res = runner.run(cfg, Path(tmp) / f"{name}-{seed}", console=False)
                 runs.setdefault(name, []).append(res)
                 print(name, seed, *(f"{k}={res[k]}" for k in keys), flush=True)

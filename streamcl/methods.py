@@ -23,6 +23,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("cumulative", "each experience trained with all earlier data (unbounded rehearsal)",
            lambda: [build_plugin("cumulative")]),
     Recipe("joint", "one offline training on the whole stream joined (upper bound)", lambda: [], offline=True),
+    Recipe("replay", "experience replay: a class-balanced memory replayed beside every minibatch (ER)",
+           lambda memory=500, selection="class_balanced": [build_plugin("replay", memory=memory, selection=selection)]),
 )}
 
 
