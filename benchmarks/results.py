@@ -17,7 +17,7 @@ from streamcl.methods import RECIPES
 
 # Final average accuracy on SFM-5, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md).
 REFERENCE = {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
-             "er_ace": 0.778, "dark_replay": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787}
+             "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787}
 PROTOCOL = "SFM-5 (Split Fashion-MNIST, 5 experiences of 2 classes, class-incremental; MLP 784-256-256-10, " \
            "SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience)"
 

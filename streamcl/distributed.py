@@ -6,6 +6,7 @@ contract a plugin meets to be distributed-safe.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from typing import Any
@@ -38,7 +39,13 @@ def init(device: torch.device | str | None = None) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)  # tear the group down before the interpreter does, or backends may abort
     return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -25,6 +25,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("joint", "one offline training on the whole stream joined (upper bound)", lambda: [], offline=True),
     Recipe("replay", "experience replay: a class-balanced memory replayed beside every minibatch (ER)",
            lambda memory=500, selection="class_balanced": [build_plugin("replay", memory=memory, selection=selection)]),
+    Recipe("derpp", "dark experience replay++: a reservoir memory of samples and logits; logit matching + replayed labels",
+           lambda memory=500, alpha=1.0, beta=0.5: [build_plugin("dark_replay", memory=memory, alpha=alpha, beta=beta)]),
+    Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
+           lambda memory=500: [build_plugin("replay", memory=memory, selection="reservoir"), build_plugin("er_ace")]),
 )}
 
 
