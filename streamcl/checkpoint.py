@@ -81,6 +81,7 @@ def state_of(strategy, position: bool = False) -> dict:
         "plugins": [_plugin_id(p) for p in strategy.plugins],
         "model": strategy.model.state_dict(),
         "module": strategy.model,
+        "frozen": [n for n, p in strategy.model.named_parameters() if not p.requires_grad],
         "optimizer": strategy.optimizer.state_dict(),
         "optimizer_params": [[names[id(p)] for p in g["params"]] for g in strategy.optimizer.param_groups],
         "plugin_states": _states(strategy.plugins),
@@ -170,6 +171,9 @@ def _restore_model(strategy, state: dict) -> None:
             raise CheckpointError(f"the checkpoint's weights do not fit this model and its module could not be "
                                   f"saved: {err}") from None
         strategy.model = state["module"].to(strategy.device)
+    frozen = set(state["frozen"])
+    for name, param in strategy.model.named_parameters():  # plugins freeze in hooks a resume may not re-run
+        param.requires_grad_(name not in frozen)
     strategy._inspect_model()
 
 

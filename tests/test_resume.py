@@ -132,3 +132,17 @@ def test_sigkill_of_a_real_run_and_resume(tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     assert numbers(resumed) == numbers(full)
     assert 0.80 < full["final_accuracy"] < 0.95
+
+
+def test_frozen_parameters_stay_frozen_after_a_resume(tmp_path):
+    from streamcl.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(8, [16], 4)
+    model.backbone[1].weight.requires_grad_(False)
+    a = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=16, checkpoint_dir=tmp_path)
+    a.save_checkpoint()
+    fresh = MLP(8, [16], 4)
+    b = Strategy(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), batch_size=16, checkpoint_dir=tmp_path)
+    b.load_checkpoint()
+    assert not b.model.backbone[1].weight.requires_grad and b.model.backbone[1].bias.requires_grad
