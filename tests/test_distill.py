@@ -1,0 +1,286 @@
+"""Distillation (LwF's KL, iCaRL's BCE) against hand computations; the teacher stays frozen; SFM-5 bar."""
+import io
+import math
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from streamcl import Batch, ConfigError, Output, Plugin, PluginError, Strategy, hookimpl
+from streamcl.models import MLP
+from streamcl.plugins.distill import Distill, LwFDistill
+from streamcl.plugins.replay import Replay
+from tests.reliability import Crash, crash_at_step
+from tests.synthetic import tiny_benchmark
+
+
+class Fixed(nn.Module):
+    """A 'teacher' that answers the same logits for any input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def with_teacher(plugin, teacher_logits, old_classes):
+    teacher = Fixed(teacher_logits)
+    plugin.load_state_dict({"old_classes": old_classes, "teacher": teacher, "teacher_state": teacher.state_dict()})
+    return plugin
+
+
+def term(plugin, student_logits):
+    z = torch.tensor(student_logits, requires_grad=True)
+    batch = Batch(torch.zeros(len(z), 3), torch.zeros(len(z), dtype=torch.long), torch.zeros(len(z), dtype=torch.long))
+    terms = plugin.loss_terms(strategy=SimpleNamespace(n_current=len(z)), batch=batch, output=Output(z, None))
+    return terms, z
+
+
+def sigmoid(v):
+    return 1 / (1 + math.exp(-v))
+
+
+# ----------------------------------------------------------------------------- the maths
+def test_kl_term_by_hand_on_old_classes_only():
+    # old classes 0, 1; column 2 (the new class) must not count, whatever its value
+    plugin = with_teacher(LwFDistill(), [[0.0, 1.0, 50.0]], [0, 1])
+    terms, z = term(plugin, [[1.0, 0.0, -50.0]])
+    # T = 2: p = softmax((0.5, 0)) = (a, b), q = softmax((0, 0.5)) = (b, a), a = e^.5 / (1 + e^.5)
+    a = math.exp(0.5) / (1 + math.exp(0.5))
+    b = 1 - a
+    kl = b * math.log(b / a) + a * math.log(a / b)  # KL(q || p)
+    assert set(terms) == {"lwf"}
+    assert terms["lwf"].item() == pytest.approx(4 * kl, rel=1e-6)  # times T^2 = 4
+    assert kl == pytest.approx(math.tanh(0.25) * 0.5, rel=1e-9)  # (a - b) * log(a / b)
+    terms["lwf"].backward()
+    assert z.grad[0, 2] == 0  # no gradient to the new class
+
+
+def test_kl_term_batch_mean_weight_and_temperature():
+    teacher = [[2.0, 0.0], [0.0, 0.0]]
+    student = [[0.0, 0.0], [1.0, -1.0]]
+    plugin = with_teacher(Distill(kind="kl", weight=3.0, temperature=1.0), teacher, [0, 1])
+    terms, _ = term(plugin, student)
+
+    def kl(t, s):
+        q = [math.exp(v) / sum(math.exp(u) for u in t) for v in t]
+        p = [math.exp(v) / sum(math.exp(u) for u in s) for v in s]
+        return sum(qi * math.log(qi / pi) for qi, pi in zip(q, p))
+
+    expected = 3.0 * (kl(teacher[0], student[0]) + kl(teacher[1], student[1])) / 2  # T^2 = 1
+    assert set(terms) == {"distill"}
+    assert terms["distill"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_term_is_zero_when_the_student_matches():
+    plugin = with_teacher(LwFDistill(), [[0.3, -1.2, 4.0]], [0, 1, 2])
+    terms, _ = term(plugin, [[0.3, -1.2, 4.0]])
+    assert abs(terms["lwf"].item()) < 1e-6
+
+
+def test_bce_term_by_hand():
+    # old classes 0, 2 of 3; iCaRL: targets sigmoid(teacher), sum over old classes, mean over the batch
+    teacher = [[0.0, 9.0, -1.0], [2.0, 9.0, 0.5]]
+    student = [[0.0, -9.0, 2.0], [-1.0, 9.0, 0.5]]
+    plugin = with_teacher(Distill(kind="bce"), teacher, [0, 2])
+    terms, _ = term(plugin, student)
+
+    def bce(q, s):
+        g = sigmoid(s)
+        return -(q * math.log(g) + (1 - q) * math.log(1 - g))
+
+    rows = [sum(bce(sigmoid(teacher[i][c]), student[i][c]) for c in (0, 2)) for i in range(2)]
+    assert terms["distill"].item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    # the first row's class 0 alone: q = g = 0.5 -> log 2
+    assert bce(0.5, 0.0) == pytest.approx(math.log(2))
+
+
+def test_bce_with_a_temperature_softens_both_sides():
+    plugin = with_teacher(Distill(kind="bce", temperature=2.0), [[2.0]], [0])
+    terms, _ = term(plugin, [[-4.0]])
+    q, g = sigmoid(1.0), sigmoid(-2.0)
+    assert terms["distill"].item() == pytest.approx(-(q * math.log(g) + (1 - q) * math.log(1 - g)), rel=1e-6)
+
+
+def test_no_teacher_no_term_and_defaults():
+    assert Distill().loss_terms(strategy=None, batch=None, output=None) is None
+    assert (Distill().kind, Distill().temperature, Distill().weight) == ("kl", 2.0, 1.0)
+    assert (Distill(kind="bce").temperature, LwFDistill().kind, LwFDistill().temperature) == (1.0, "kl", 2.0)
+    assert Distill().replayed and not LwFDistill().replayed and LwFDistill().weight == 1.0
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="l2"), dict(weight=-1.0), dict(weight=float("nan")),
+                                    dict(temperature=0.0), dict(temperature=-2.0), dict(weight="1"),
+                                    dict(replayed="no")])
+def test_bad_settings(kwargs):
+    with pytest.raises(ConfigError):
+        Distill(**kwargs)
+
+
+def test_two_distillers_of_the_old_logits_are_refused():
+    with pytest.raises(PluginError, match="both own the role 'logit_distillation'"):
+        build([Distill(kind="bce"), LwFDistill()])
+
+
+# ----------------------------------------------------------------------------- teacher and runs
+def build(plugins, n_classes=6, n_exp=3, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    bench = tiny_benchmark(n_classes, n_exp)
+    model = MLP(8, [16], n_classes)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=plugins, epochs=2,
+                 batch_size=16, seed=seed, **kwargs)
+    return s, bench
+
+
+class TeacherWatch(Plugin):
+    """Records the teacher's weights when it is taken and checks them after every update."""
+
+    def __init__(self, distill):
+        self.distill, self.checks, self.student_moved = distill, 0, False
+
+    @hookimpl
+    def before_training_exp(self, strategy):
+        self.start = None
+        if self.distill.teacher is not None:
+            teacher = self.distill.teacher
+            assert teacher is not strategy.model and not teacher.training
+            assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+            student = strategy.model.state_dict()
+            self.start = {k: v.clone() for k, v in teacher.state_dict().items()}
+            assert all(torch.equal(self.start[k], student[k]) for k in student)  # a copy of the grown model
+            self.student_start = {k: v.clone() for k, v in student.items()}
+
+    @hookimpl
+    def after_update(self, strategy):
+        if self.start is not None:
+            now = self.distill.teacher.state_dict()
+            assert all(torch.equal(self.start[k], now[k]) for k in self.start)
+            self.checks += 1
+
+    @hookimpl
+    def after_training_exp(self, strategy):
+        if self.start is not None:
+            now = strategy.model.state_dict()
+            self.student_moved |= any(not torch.equal(self.student_start[k], now[k]) for k in now)
+
+
+@pytest.mark.parametrize("kind", ["kl", "bce"])
+def test_teacher_is_frozen_while_the_student_trains(kind):
+    distill = Distill(kind=kind)
+    watch = TeacherWatch(distill)
+    losses = []
+
+    class Terms(Plugin):
+        @hookimpl
+        def after_training_iteration(self, strategy):
+            losses.append(dict(strategy.loss_terms))
+
+    s, bench = build([Replay(memory=12), distill, watch, Terms()])
+    s.train(bench.train_stream[0])
+    assert distill.teacher is None and all("distill" not in t for t in losses)  # nothing to distil yet
+    for exp in bench.train_stream[1:]:
+        s.train(exp)
+    assert watch.checks == 2 * 2 * 3 and watch.student_moved  # 2 experiences x 2 epochs x 3 steps
+    assert distill.old_classes == [0, 1, 2, 3, 4, 5]
+    distilled = [t["distill"].item() for t in losses[6:]]
+    assert len(distilled) == 12 and min(distilled) >= -1e-6 and max(distilled) > 0
+    if kind == "kl":  # the first step of an experience: the student is the teacher
+        assert abs(distilled[0]) < 1e-6 and abs(distilled[6]) < 1e-6
+
+
+@pytest.mark.parametrize("plugin,sizes", [(Distill, [21, 21, 21, 17]), (LwFDistill, [16, 16, 16, 12])],
+                         ids=["replayed", "current only"])
+def test_which_samples_are_distilled(plugin, sizes):
+    seen = []
+
+    class Spy(plugin):
+        def distillation(self, student, teacher):
+            seen.append((len(student), student.shape[1]))
+            return super().distillation(student, teacher)
+
+    s, bench = build([Replay(memory=12, batch_size=5), Spy()], n_exp=2)
+    for exp in bench.train_stream:
+        s.train(exp)
+    # 60 samples of classes 3-5 in batches of 16, 16, 16, 12, each joined by 5 replayed; old classes 0-2
+    assert seen == [(n, 3) for n in sizes] * 2
+
+
+def test_state_dict_round_trip_and_checkpoint_resume_continue_identically(tmp_path):
+    def plugins():
+        return [Replay(memory=12), LwFDistill()]
+
+    s, bench = build(plugins())
+    for exp in bench.train_stream:
+        s.train(exp)
+    straight = s.eval(bench.test_stream)
+
+    s, bench = build(plugins(), seed=0)
+    s.train(bench.train_stream[0])
+    s.train(bench.train_stream[1])
+    s.save_checkpoint(tmp_path / "mid.pt")
+    state = s.plugins[1].state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    copy = LwFDistill()
+    copy.load_state_dict(torch.load(buf, weights_only=False))
+    assert copy.old_classes == [0, 1, 2, 3] and copy.teacher is not s.plugins[1].teacher
+    x = bench.test_stream[0].dataset.x[:5]
+    assert torch.equal(copy.teacher(x), s.plugins[1].teacher(x))
+
+    r, _ = build(plugins(), seed=0)
+    r.load_checkpoint(tmp_path / "mid.pt")
+    r.train(bench.train_stream[2])
+    assert r.eval(bench.test_stream)["accuracy"] == straight["accuracy"]
+
+
+def test_checkpoint_inside_an_experience_keeps_the_teacher(tmp_path, monkeypatch):
+    def plugins():
+        return [Replay(memory=12), Distill(kind="bce")]
+
+    s, bench = build(plugins(), n_exp=2)
+    for exp in bench.train_stream:
+        s.train(exp)
+    straight = s.eval(bench.test_stream)["accuracy"]
+
+    s, bench = build(plugins(), n_exp=2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with monkeypatch.context() as m:
+        crash_at_step(m, 11)  # steps 1-8 train experience 0; the checkpoint of step 10 is inside experience 1
+        with pytest.raises(Crash):
+            for exp in bench.train_stream:
+                s.train(exp)
+    r, _ = build(plugins(), n_exp=2, checkpoint_dir=tmp_path)
+    r.load_checkpoint()
+    assert r.plugins[1].teacher is not None and r.global_step == 10
+    r.train(bench.train_stream[1])
+    assert r.eval(bench.test_stream)["accuracy"] == straight
+
+
+# ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
+def sfm5_final_accuracy(make_plugins, seed):
+    from streamcl import config
+    from streamcl.runner import build_benchmark, build_model, build_optimizer, seed_everything
+
+    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
+    seed_everything(seed)
+    bench = build_benchmark(cfg)
+    model = build_model(cfg, 10, 784)
+    s = Strategy(model, build_optimizer(cfg, model), plugins=make_plugins(), epochs=cfg["train"]["epochs"],
+                 batch_size=cfg["train"]["batch_size"], eval_batch_size=cfg["train"]["eval_batch_size"], seed=seed)
+    for exp in bench.train_stream:
+        s.train(exp)
+    return statistics.mean(s.eval(bench.test_stream)["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def replay_lwf_runs():
+    return [sfm5_final_accuracy(lambda: [Replay(memory=500), LwFDistill()], seed) for seed in (0, 1, 2)]
+
+
+@pytest.mark.slow
+def test_replay_500_with_lwf_on_sfm5(replay_lwf_runs):
+    assert statistics.mean(replay_lwf_runs) >= 0.79, replay_lwf_runs
