@@ -90,6 +90,5 @@ def _mask(classes, width: int, device) -> Tensor:
 
 def _only(logits: Tensor, keep: Tensor, y: Tensor) -> Tensor:
     """``logits`` with every column that ``keep`` does not mark, nor ``y`` names, set to -inf."""
-    keep = keep.clone()
-    keep[y] = True
+    keep = keep.index_fill(0, y, True)  # out of place: MIR may call the criterion under torch.func.vmap
     return logits.masked_fill(~keep, float("-inf"))

@@ -8,7 +8,7 @@ from streamcl import Batch, Plugin, hookimpl
 from streamcl import distributed as dist
 from streamcl.errors import ConfigError
 from streamcl.memory import Budget, Codec, Memory, balanced, herding, random_pick, reservoir
-from streamcl.scenarios import TensorData
+from streamcl.scenarios import as_batch
 
 SELECTIONS = ("class_balanced", "herding", "experience_balanced", "random", "reservoir")
 
@@ -92,7 +92,7 @@ class Replay(Plugin):
     @hookimpl
     def after_training_exp(self, strategy) -> None:
         exp = strategy.experience
-        new = _as_batch(strategy, exp.dataset)
+        new = as_batch(exp.dataset, strategy.device)
         memory = self._memory_for(new.x, exp.n_classes)
         self.classes += [c for c in exp.classes if c not in self.classes]
         self.experiences += 1
@@ -148,17 +148,6 @@ class Replay(Plugin):
         if state["memory"] is not None:
             self.memory = Memory(state["capacity"], self.codec)
             self.memory.load_state_dict(state["memory"])
-
-
-def _as_batch(strategy, data) -> Batch:
-    """An experience's samples as one batch on the strategy's device."""
-    if isinstance(data, TensorData):
-        data = data.to(strategy.device)
-        return Batch(data.x, data.y, data.t)
-    from torch.utils.data import DataLoader
-
-    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]  # the whole experience, every rank
-    return parts[0].cat(*parts[1:]).to(strategy.device)
 
 
 @torch.no_grad()

@@ -29,6 +29,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, alpha=1.0, beta=0.5: [build_plugin("dark_replay", memory=memory, alpha=alpha, beta=beta)]),
     Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
            lambda memory=500: [build_plugin("replay", memory=memory, selection="reservoir"), build_plugin("er_ace")]),
+    Recipe("icarl", "iCaRL: herding exemplars, BCE distillation, nearest-mean-of-exemplars classifier",
+           lambda memory=500: [build_plugin("replay", memory=memory, selection="herding"),
+                               build_plugin("distill", kind="bce"), build_plugin("nme")]),
+    Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
+           lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
     Recipe("latent_replay", "replay of first-hidden-layer activations; the layers below frozen after the first experience",
            lambda memory=500: [build_plugin("latent_replay", memory=memory)]),
 )}

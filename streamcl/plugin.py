@@ -33,10 +33,12 @@ class Plugin:
     with ``@hookimpl`` methods is a plugin; subclassing is a convenience.
 
     ``owns`` names the exclusive roles the plugin takes (``{"classifier"}``): two plugins of one
-    strategy that own the same role are refused at construction.
+    strategy that own the same role are refused at construction. ``needs`` names roles another
+    plugin of the list must own (``{"memory"}``), or the list is refused.
     """
 
     owns: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     _init_args: tuple[tuple, dict]
 
     def __new__(cls, *args, **kwargs):
@@ -73,7 +75,8 @@ def plugin_name(plugin: object) -> str:
 
 
 def check_roles(plugins: Sequence[object]) -> None:
-    """Refuse two plugins that own one exclusive role, naming both and the role."""
+    """Refuse two plugins that own one exclusive role (naming both and the role), and a plugin that
+    ``needs`` a role no plugin of the list owns."""
     owner: dict[str, object] = {}
     for plugin in plugins:
         for role in sorted(getattr(plugin, "owns", ())):
@@ -81,6 +84,11 @@ def check_roles(plugins: Sequence[object]) -> None:
                 raise PluginError(f"{owner[role]!r} and {plugin!r} both own the role '{role}'; "
                                   f"a strategy takes one plugin per role: drop one of them")
             owner[role] = plugin
+    for plugin in plugins:
+        missing = sorted(set(getattr(plugin, "needs", ())) - set(owner))
+        if missing:
+            raise PluginError(f"{plugin!r} needs a plugin that owns the role '{missing[0]}' (for 'memory': Replay, "
+                              f"for example) and none in the list does")
 
 
 ORDER_OPTIONS = ("tryfirst", "trylast", "wrapper", "hookwrapper")

@@ -11,8 +11,18 @@ from tests.synthetic import blobs
 
 BUILTIN_PLUGINS = sorted(n for n, info in available_plugins().items() if info.builtin)
 RECIPE_NAMES = sorted(RECIPES)
-# (label, config part) for every built-in plugin alone and every recipe
-UNITS = [(f"plugin:{n}", {"plugins": [{"name": n}]}) for n in BUILTIN_PLUGINS] + \
+# what a plugin that needs a role runs beside: the plugin owning it
+PARTNER = {"memory": {"name": "replay", "selection": "herding"}}
+
+
+def plugin_part(name: str) -> dict:
+    """A plugin alone, or after the partners of the roles it needs."""
+    needs = getattr(available_plugins()[name].load(), "needs", ())
+    return {"plugins": [PARTNER[r] for r in sorted(needs)] + [{"name": name}]}
+
+
+# (label, config part) for every built-in plugin (with what it needs) and every recipe
+UNITS = [(f"plugin:{n}", plugin_part(n)) for n in BUILTIN_PLUGINS] + \
         [(f"method:{n}", {"method": {"name": n}}) for n in RECIPE_NAMES]
 
 

@@ -14,7 +14,13 @@ PAIRS = list(itertools.combinations_with_replacement(BUILTIN_PLUGINS, 2))
 def test_pair_runs_or_is_refused_by_role(a, b):
     first, second = build_plugin(a), build_plugin(b)
     shared = set(getattr(first, "owns", ())) & set(getattr(second, "owns", ()))
+    owned = set(getattr(first, "owns", ())) | set(getattr(second, "owns", ()))
+    unmet = (set(getattr(first, "needs", ())) | set(getattr(second, "needs", ()))) - owned
     part = {"plugins": [{"name": a}, {"name": b}]}
+    if unmet and not shared:
+        with pytest.raises(PluginError, match=rf"needs a plugin that owns the role '{sorted(unmet)[0]}'"):
+            tiny_run(part)
+        return
     if shared:
         role = sorted(shared)[0]
         with pytest.raises(PluginError, match=rf"{type(first).__name__}.* and {type(second).__name__}.* both own the "

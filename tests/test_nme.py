@@ -65,11 +65,24 @@ def build(plugins, n_classes=6, n_exp=3, **kwargs):
     return s, bench
 
 
-@pytest.mark.parametrize("others", [[], [Cumulative()]], ids=["no memory", "memory without exemplars"])
-def test_a_strategy_without_a_replay_memory_is_refused(others):
-    s, bench = build([*others, NMEClassifier()])
+def test_a_strategy_without_a_replay_memory_is_refused():
+    from streamcl import Plugin, PluginError
+
+    with pytest.raises(PluginError, match="needs a plugin that owns the role 'memory'"):
+        build([NMEClassifier()])  # refused by the engine, at construction
+
+    class Hoard(Plugin):
+        owns = frozenset({"memory"})  # owns the role but keeps no streamcl.memory.Memory
+
+    s, bench = build([Hoard(), NMEClassifier()])
     with pytest.raises(ConfigError, match="replay memory"):
         s.train(bench.train_stream[0])
+
+
+def test_cumulative_memory_serves_as_exemplars():
+    s, bench = build([Cumulative(), NMEClassifier()])
+    s.train(bench.train_stream[0])
+    assert s.eval(bench.test_stream)["accuracy"][0] > 0.5
 
 
 def test_evaluation_predicts_the_nearest_exemplar_mean():

@@ -77,8 +77,9 @@ def test_general_dataset_goes_through_a_dataloader():
     bench = class_incremental(ListDataset(blobs()), ListDataset(blobs(10)), 2)
     exp = bench.train_stream[1]
     assert not isinstance(exp.dataset, TensorData) and exp.classes == (2, 3)
+    torch.manual_seed(0)
     model = MLP(8, [16], 4)
-    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, seed=0)
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, epochs=5, seed=0)
     batches = list(strategy.batches(exp.dataset, 8, torch.randperm(40)))
     assert sum(len(b) for b in batches) == 40 and all(isinstance(b, Batch) for b in batches)
     assert set(torch.cat([b.y for b in batches]).tolist()) == {2, 3}

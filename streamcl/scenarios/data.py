@@ -104,3 +104,18 @@ def join(datasets: Sequence[Dataset]) -> Dataset:
         dev = datasets[0].x.device
         return TensorData(*(torch.cat([getattr(d, k).to(dev) for d in datasets]) for k in ("x", "y", "t")))
     return ConcatDataset(datasets)
+
+
+def as_batch(data: Dataset, device=None):
+    """Every sample of ``data`` as one :class:`streamcl.Batch` (on ``device``): tensors directly, any
+    other dataset through a DataLoader."""
+    from torch.utils.data import DataLoader
+
+    from streamcl.batch import Batch
+
+    if isinstance(data, TensorData):
+        data = data.to(device) if device is not None else data
+        return Batch(data.x, data.y, data.t)
+    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]
+    batch = parts[0].cat(*parts[1:])
+    return batch.to(device) if device is not None else batch
