@@ -1,0 +1,166 @@
+"""GDumb: a greedily class-balanced memory, and a model trained from scratch on it alone before each evaluation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from streamcl import Batch, Plugin, hookimpl
+from streamcl.errors import ConfigError
+from streamcl.memory import Memory
+from streamcl.scenarios import TensorData
+
+
+class GDumb(Plugin):
+    """GDumb (Prabhu et al. 2020, "GDumb: A Simple Approach that Questions Our Progress in Continual
+    Learning", Alg. 1 sampler, Alg. 2 learner).
+
+    Sampler (Alg. 1): after each experience its samples are offered one by one, in an order drawn from
+    ``strategy.generator``, to a memory of ``memory`` samples. A sample is stored if the memory has room;
+    otherwise, if its class holds fewer than ``k_c = memory // |classes seen|`` samples (the current
+    maximum per class), it replaces a random sample of the largest class (on ties, the one
+    found first in the memory's slots).
+
+    Learner (Alg. 2): at each evaluation that follows new data (``before_eval``), the model is reset to
+    the weights it had when training started (saved at the first ``before_training_exp``; output units
+    added later by a growing head keep their fresh initialisation) and trained on the memory alone for
+    ``epochs`` epochs of ``batch_size`` (default: the strategy's), shuffled by ``strategy.generator``, with
+    its own SGD (``lr``, ``momentum``, ``weight_decay`` default to the strategy optimizer's first group),
+    through the strategy's forward (``adapt_logits`` included) and task loss.
+
+    Defaults: ``epochs=128`` is the paper's MNIST setting (``--num_passes 128`` in its replicate
+    script); its batch 16 and SGDR schedule (lr 0.05 to 0.0005) are replaced by the protocol's optimizer
+    and batch, which keeps the five retrainings of an SFM-5 run at 5 x 512 steps (2,560 steps beside the
+    engine's 940). SFM-5, memory 500, seeds 0-2: 0.780 with 128 epochs (0.773 with 64, 0.776
+    with 32), against Avalanche's 0.439 with 2 epochs on memory.
+
+    The engine still trains the model on every experience as usual; that work is wasted, not harmful,
+    since GDumb resets the model before it is evaluated. Every rank holds the whole memory and repeats
+    the same retraining on ``strategy.model`` (the plain module) with the same order, so the weights stay
+    identical across ranks without any collective.
+    """
+
+    owns = frozenset({"memory"})
+
+    def __init__(self, memory: int = 500, epochs: int = 128, batch_size: int | None = None, lr: float | None = None,
+                 momentum: float | None = None, weight_decay: float | None = None):
+        for name, value in (("memory", memory), ("epochs", epochs), ("batch_size", batch_size)):
+            if (value is not None or name == "memory") and (isinstance(value, bool) or not isinstance(value, int)
+                                                            or value <= 0):
+                raise ConfigError(f"GDumb {name}={value!r}: it must be a positive whole number")
+        for name, value, low in (("lr", lr, "above 0"), ("momentum", momentum, "0 or more"),
+                                 ("weight_decay", weight_decay, "0 or more")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0)):
+                raise ConfigError(f"GDumb {name}={value!r}: it must be a finite number, {low}")
+        self.capacity, self.epochs, self.batch_size = memory, epochs, batch_size
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.memory: Memory | None = None
+        self.initial: dict[str, Tensor] | None = None  # the weights training started from
+        self.pending = False  # new data arrived since the last retraining
+
+    # ------------------------------------------------------------------------------ sampler (Alg. 1)
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        now = strategy.model.state_dict()
+        if self.initial is None:
+            self.initial = {k: v.detach().clone() for k, v in now.items()}
+            return
+        for k, v in now.items():  # entries added since (a grown head) start from their fresh values
+            old = self.initial.get(k)
+            if old is None or old.shape != v.shape:
+                fresh = v.detach().clone()
+                if old is not None and old.dim() == v.dim() and all(a <= b for a, b in zip(old.shape, v.shape)):
+                    fresh[tuple(slice(0, n) for n in old.shape)] = old
+                self.initial[k] = fresh
+
+    @hookimpl
+    def after_training_exp(self, strategy) -> None:
+        new = _as_batch(strategy, strategy.experience.dataset)
+        if self.memory is None:
+            self.memory = Memory(self.capacity)
+        order = torch.randperm(len(new), generator=strategy.generator)
+        slots, items = greedy_balanced(self.memory.labels.tolist(), new.y[order.to(new.y.device)].tolist(),
+                                       self.capacity, strategy.generator)
+        if slots:
+            pick = order[items].to(new.y.device)
+            self.memory.write(torch.tensor(slots), new.x[pick], new.y[pick], new.t[pick])
+            self.pending = True
+
+    # ------------------------------------------------------------------------------ learner (Alg. 2)
+    @hookimpl
+    def before_eval(self, strategy) -> None:
+        if not self.pending or self.memory is None or self.initial is None:
+            return
+        model = strategy.model
+        model.load_state_dict(self.initial)
+        defaults = strategy.optimizer.param_groups[0]
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                              lr=self.lr if self.lr is not None else defaults.get("lr", 0.01),
+                              momentum=self.momentum if self.momentum is not None else defaults.get("momentum", 0.0),
+                              weight_decay=self.weight_decay if self.weight_decay is not None
+                              else defaults.get("weight_decay", 0.0))
+        data, size = self.memory.batch(), self.batch_size or strategy.batch_size
+        was_training = model.training
+        model.train()
+        with torch.enable_grad():
+            for _ in range(self.epochs):
+                order = torch.randperm(len(data), generator=strategy.generator).to(data.y.device)
+                for i in range(0, len(order), size):
+                    batch = data.select(order[i:i + size])
+                    opt.zero_grad(set_to_none=True)
+                    strategy.task_loss(strategy.forward(batch), batch).backward()
+                    opt.step()
+        model.train(was_training)
+        self.pending = False
+
+    def state_dict(self) -> dict:
+        return {"memory": None if self.memory is None else self.memory.state_dict(),
+                "initial": None if self.initial is None else dict(self.initial), "pending": self.pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory = None
+        if state["memory"] is not None:
+            self.memory = Memory(self.capacity)
+            self.memory.load_state_dict(state["memory"])
+        self.initial = None if state["initial"] is None else dict(state["initial"])
+        self.pending = state["pending"]
+
+
+def greedy_balanced(stored: list[int], labels: list[int], capacity: int,
+                    generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Alg. 1 over a stream ``labels`` offered to a memory holding ``stored`` (the labels of its slots).
+
+    Returns ``(slots, items)``: the memory ends with item ``items[j]`` of the stream in slot ``slots[j]``
+    (each slot once: the last item written there), every other slot unchanged.
+    """
+    members: dict[int, list[int]] = {}  # class -> its slots, classes in the order they were first seen
+    for slot, c in enumerate(stored):
+        members.setdefault(c, []).append(slot)
+    size, written = len(stored), {}
+    for i, c in enumerate(labels):
+        mine = members.setdefault(c, [])
+        if size < capacity:
+            slot, size = size, size + 1
+        elif len(mine) < capacity // len(members):
+            largest = max(members.values(), key=len)  # the first of the largest classes
+            j = int(torch.randint(len(largest), (1,), generator=generator))
+            largest[j], slot = largest[-1], largest[j]
+            largest.pop()
+        else:
+            continue
+        mine.append(slot)
+        written[slot] = i
+    return list(written), list(written.values())
+
+
+def _as_batch(strategy, data) -> Batch:
+    """An experience's samples as one batch on the strategy's device (every rank reads all of them)."""
+    if isinstance(data, TensorData):
+        data = data.to(strategy.device)
+        return Batch(data.x, data.y, data.t)
+    from torch.utils.data import DataLoader
+
+    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]
+    return parts[0].cat(*parts[1:]).to(strategy.device)

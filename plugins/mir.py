@@ -1,0 +1,109 @@
+"""Maximally interfered retrieval: replay the stored samples that the coming update would hurt most."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from streamcl import Batch, hookimpl
+from streamcl import distributed as dist
+from streamcl.errors import ConfigError
+from streamcl.plugins.replay import Replay
+
+RATIO = 2  # candidates per retrieved sample (the paper's 5 would make every stored sample a candidate here)
+
+
+class MIR(Replay):
+    """ER with maximally interfered retrieval (ER-MIR; Aljundi et al. 2019, "Online Continual Learning with
+    Maximally Interfered Retrieval", eq. 1-3, Alg. 1).
+
+    The memory and its update are :class:`Replay`'s (``memory``, ``selection`` and the rest). Instead of a
+    uniform draw, each minibatch ``B`` is joined by the stored samples that a plain SGD step on ``B`` would
+    interfere with most:
+
+    1. ``subsample`` candidates are drawn uniformly, without replacement, from memory (all of them when
+       the memory holds fewer);
+    2. a virtual step ``theta' = theta - lr * grad_theta L(f_theta(B))`` (eq. 1; ``lr`` is each parameter's
+       current learning rate in the optimizer) is taken on a functional copy of the parameters;
+    3. each candidate ``x`` is scored ``s(x) = l(f_theta'(x), y) - l(f_theta(x), y)`` (eq. 2-3) and the
+       ``batch_size`` highest scores are replayed.
+
+    Defaults: the official ER-MIR Split-MNIST runs (batch 10) retrieve as many samples as the minibatch
+    holds, 10, out of ``subsample`` 50 candidates, from a memory of 20-100 per class. Here ``batch_size``
+    is likewise the strategy's batch size (128), but the paper's 5:1 ratio would ask for 640 candidates
+    from a memory of 500, i.e. the whole memory. Replay then piles onto the classes the current ones
+    interfere with (seed 0, last experience: 39% of replayed samples are sneakers, 2% trousers) and the
+    others are forgotten: SFM-5 (seeds 0-2, memory 500) scores 0.722, below uniform replay's 0.784. With
+    384 candidates it is 0.758, 256 give 0.771, 192 give 0.775. The default keeps a 2:1 ratio, ``subsample``
+    = 2 x ``batch_size`` = 256: the more interfered half of a uniform draw, so replay stays diverse.
+
+    Every stored sample is a candidate, those of the classes in the current minibatch and of the last
+    experience included. Retrieval is rank-consistent under torchrun: the virtual gradient is averaged
+    over ranks (each holds a shard of ``B``), so every rank scores the same candidates with the same
+    ``theta'`` and keeps the same ones; the engine then gives each rank its share. The virtual step and the
+    scores use ``strategy.model`` in its current mode, without ``adapt_logits``, with copies of its buffers
+    (batch-norm statistics are not moved); the real parameters, gradients and optimizer are untouched.
+    """
+
+    def __init__(self, memory: int | None = 500, subsample: int | None = None, batch_size: int | None = None,
+                 selection: str = "class_balanced", per_class: int | None = None, memory_bytes: int | None = None,
+                 compress: str | None = None, downsample: int = 1, image_shape: list[int] | None = None):
+        if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample <= 0):
+            raise ConfigError(f"MIR subsample={subsample!r}: it must be a positive whole number of candidates")
+        super().__init__(memory=memory, selection=selection, per_class=per_class, batch_size=batch_size,
+                         memory_bytes=memory_bytes, compress=compress, downsample=downsample, image_shape=image_shape)
+        self.subsample = subsample
+
+    @hookimpl
+    def replay_batch(self, strategy, batch: Batch) -> Batch | None:
+        if self.memory is None or len(self.memory) == 0:
+            return None
+        k = self.batch_size or strategy.batch_size
+        n = self.subsample or RATIO * k
+        slots = torch.randperm(len(self.memory), generator=strategy.generator)[:n].to(self.memory.y.device)
+        candidates = self.memory.batch(slots)
+        scores = interference(strategy, batch, candidates)
+        top = scores.sort(descending=True, stable=True).indices[:k]  # stable: ties broken alike on every rank
+        return candidates.select(top)
+
+
+def interference(strategy, batch: Batch, candidates: Batch) -> Tensor:
+    """Eq. 2-3: each candidate's loss after a virtual SGD step on ``batch``, minus its loss now."""
+    model = strategy.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in named}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # a train-mode forward may update them
+    takes_task = "task_labels" in inspect.signature(model.forward).parameters
+
+    def logits(values: dict, b: Batch) -> Tensor:
+        kwargs = {"task_labels": b.t} if takes_task else {}
+        return functional_call(model, {**values, **buffers}, (b.x,), kwargs)
+
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        loss = strategy.criterion(logits(leaves, batch), batch.y)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+    if dist.active():  # each rank holds a shard of the minibatch: agree on one virtual step
+        flat = dist.all_reduce(torch.cat([g.flatten() for g in grads]), "mean")
+        grads = list(flat.split([g.numel() for g in grads]))
+        grads = [g.view_as(p) for g, p in zip(grads, params.values())]
+    lr = {id(p): group["lr"] for group in strategy.optimizer.param_groups for p in group["params"]}
+    virtual = {n: p - lr.get(id(real), 0.0) * g for (n, p), (_, real), g in zip(params.items(), named, grads)}
+    with torch.no_grad():
+        before = per_sample_loss(strategy.criterion, logits(params, candidates), candidates.y)
+        after = per_sample_loss(strategy.criterion, logits(virtual, candidates), candidates.y)
+    return after - before
+
+
+def per_sample_loss(criterion, logits: Tensor, y: Tensor) -> Tensor:
+    """``criterion`` on each sample alone: with ``reduction="none"`` where it takes that, else mapped."""
+    try:
+        out = criterion(logits, y, reduction="none")
+        if out.shape == y.shape:
+            return out
+    except TypeError:
+        pass
+    return vmap(lambda z, t: criterion(z[None], t[None]))(logits, y)

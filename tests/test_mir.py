@@ -1,0 +1,171 @@
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from streamcl import Batch, ConfigError, Strategy, hookimpl
+from streamcl.memory import Memory
+from streamcl.models import MLP
+from streamcl.plugins.mir import MIR, interference
+from tests.synthetic import tiny_benchmark
+
+
+def linear_strategy(lr=0.5, plugins=()):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), plugins=list(plugins),
+                    batch_size=4, seed=0)
+
+
+def hand_scores(W, b, lr, batch: Batch, cand: Batch):
+    """Eq. 1-3 written out for softmax regression: the mean cross-entropy's gradient is (p - onehot)^T x / n."""
+    def ce(W, b, x, y):  # per-sample cross-entropy, by hand
+        z = x @ W.T + b
+        return torch.logsumexp(z, 1) - z[torch.arange(len(y)), y]
+
+    z = batch.x @ W.T + b
+    dz = (torch.softmax(z, 1) - torch.eye(3)[batch.y]) / len(batch.y)
+    W1, b1 = W - lr * dz.T @ batch.x, b - lr * dz.sum(0)
+    return ce(W1, b1, cand.x, cand.y) - ce(W, b, cand.x, cand.y)
+
+
+def tiny_batches():
+    g = torch.Generator().manual_seed(3)
+    batch = Batch(torch.randn(4, 3, generator=g), torch.tensor([0, 1, 1, 2]), torch.zeros(4, dtype=torch.long))
+    cand = Batch(torch.randn(7, 3, generator=g), torch.tensor([0, 0, 1, 2, 2, 1, 0]), torch.zeros(7, dtype=torch.long))
+    return batch, cand
+
+
+def test_scores_are_the_loss_after_a_virtual_step_minus_before_and_touch_nothing():
+    s = linear_strategy(lr=0.5)
+    batch, cand = tiny_batches()
+    W, b = s.model.weight.detach().clone(), s.model.bias.detach().clone()
+    scores = interference(s, batch, cand)
+    assert torch.allclose(scores, hand_scores(W, b, 0.5, batch, cand), atol=1e-6)
+    assert torch.equal(s.model.weight, W) and torch.equal(s.model.bias, b)  # real parameters untouched
+    assert s.model.weight.grad is None and s.model.bias.grad is None
+    assert not s.optimizer.state  # no momentum buffer created
+
+
+def test_the_virtual_step_uses_the_optimizer_current_lr():
+    s = linear_strategy(lr=0.5)
+    s.optimizer.param_groups[0]["lr"] = 0.125  # e.g. a scheduler moved it
+    batch, cand = tiny_batches()
+    expected = hand_scores(s.model.weight.detach(), s.model.bias.detach(), 0.125, batch, cand)
+    assert torch.allclose(interference(s, batch, cand), expected, atol=1e-6)
+
+
+def test_replay_batch_returns_the_most_interfered_candidates():
+    plugin = MIR(memory=7, batch_size=3, subsample=7)  # every stored sample is a candidate
+    s = linear_strategy(lr=0.5, plugins=[plugin])
+    batch, cand = tiny_batches()
+    plugin.memory = Memory(7)
+    plugin.memory.append(*cand)
+    scores = hand_scores(s.model.weight.detach(), s.model.bias.detach(), 0.5, batch, cand)
+    out = plugin.replay_batch(s, batch)
+    top = scores.argsort(descending=True)[:3]
+    assert torch.equal(out.x, cand.x[top]) and torch.equal(out.y, cand.y[top])
+
+
+def test_subsample_draws_that_many_distinct_candidates():
+    plugin = MIR(memory=7, batch_size=7, subsample=4)
+    s = linear_strategy(plugins=[plugin])
+    batch, cand = tiny_batches()
+    plugin.memory = Memory(7)
+    plugin.memory.append(*cand)
+    out = plugin.replay_batch(s, batch)
+    assert len(out) == 4 and len({tuple(r.tolist()) for r in out.x}) == 4
+
+
+def train(plugins, n_exp=3):
+    torch.manual_seed(0)
+    bench = tiny_benchmark(2 * n_exp, n_exp)
+    model = MLP(8, [16], 2 * n_exp)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=plugins, batch_size=16, seed=0)
+    return s, bench
+
+
+class ReplayedLabels:
+    def __init__(self):
+        self.labels = []
+
+    @hookimpl
+    def before_forward(self, strategy):
+        self.labels.append(strategy.batch.y[strategy.n_current:].clone())
+
+
+def test_the_previous_experience_is_replayed():
+    spy, plugin = ReplayedLabels(), MIR(memory=12, batch_size=8)
+    s, bench = train([plugin, spy])
+    s.train(bench.train_stream[0])
+    s.train(bench.train_stream[1])
+    spy.labels.clear()
+    s.train(bench.train_stream[2])
+    replayed = torch.cat(spy.labels)
+    assert set(replayed.tolist()) <= {0, 1, 2, 3}
+    assert {2, 3} & set(replayed.tolist())  # the last experience's classes (2, 3) are retrieved
+
+
+def test_samples_of_the_current_batch_classes_stay_candidates():
+    plugin = MIR(memory=12, batch_size=8)
+    s, bench = train([plugin])
+    s.train(bench.train_stream[1])  # memory: classes 2 and 3 only
+    data = bench.train_stream[1].dataset
+    batch = Batch(data.x[:16], data.y[:16], data.t[:16])  # a minibatch of those same classes
+    out = plugin.replay_batch(s, batch)
+    assert len(out) == 8 and set(out.y.tolist()) <= {2, 3}
+
+
+@pytest.mark.parametrize("kwargs", [dict(subsample=0), dict(subsample=-3), dict(subsample=2.5), dict(subsample=True),
+                                    dict(memory=0), dict(batch_size=0), dict(selection="best")])
+def test_bad_settings(kwargs):
+    with pytest.raises(ConfigError):
+        MIR(**kwargs)
+
+
+def test_tiny_run_and_a_checkpoint_round_trip_continue_identically(tmp_path):
+    full, bench = train([MIR(memory=10)])
+    for exp in bench.train_stream:
+        full.train(exp)
+        expected = full.eval(bench.test_stream)
+
+    s, _ = train([MIR(memory=10)])
+    for exp in bench.train_stream[:2]:
+        s.train(exp)
+        s.eval(bench.test_stream)
+    s.save_checkpoint(tmp_path / "c.pt")
+    resumed, _ = train([MIR(memory=10)])
+    resumed.load_checkpoint(tmp_path / "c.pt")
+    resumed.train(bench.train_stream[2])
+    assert resumed.eval(bench.test_stream) == expected
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
+def sfm5_run(make_plugins, seed: int) -> float:
+    from streamcl import config
+    from streamcl import runner as R
+
+    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
+    R.seed_everything(seed)
+    bench = R.build_benchmark(cfg)
+    model = R.build_model(cfg, bench.n_classes, 784)
+    t = cfg["train"]
+    s = Strategy(model, R.build_optimizer(cfg, model), plugins=make_plugins(), epochs=t["epochs"],
+                 batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], seed=seed)
+    for exp in bench.train_stream:
+        s.train(exp)
+        result = s.eval(bench.test_stream)
+    return result["final_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def mir_500():
+    return [sfm5_run(lambda: [MIR(memory=500)], seed) for seed in (0, 1, 2)]
+
+
+@pytest.mark.slow
+def test_mir_500_on_sfm5(mir_500):
+    assert statistics.mean(mir_500) >= 0.76, mir_500
