@@ -3,8 +3,11 @@ from streamcl.plugins.cumulative import Cumulative
 from streamcl.plugins.dark_replay import DarkReplay
 from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.er_ace import ERACE
+from streamcl.plugins.gdumb import GDumb
 from streamcl.plugins.latent_replay import LatentReplay
+from streamcl.plugins.mir import MIR
 from streamcl.plugins.nme import NMEClassifier
 from streamcl.plugins.replay import Replay
 
-__all__ = ["Cumulative", "DarkReplay", "Distill", "ERACE", "LatentReplay", "LwFDistill", "NMEClassifier", "Replay"]
+__all__ = ["Cumulative", "DarkReplay", "Distill", "ERACE", "GDumb", "LatentReplay", "LwFDistill", "MIR", "NMEClassifier",
+           "Replay"]

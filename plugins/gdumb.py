@@ -6,10 +6,10 @@ import math
 import torch
 from torch import Tensor
 
-from streamcl import Batch, Plugin, hookimpl
+from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
 from streamcl.memory import Memory
-from streamcl.scenarios import TensorData
+from streamcl.scenarios import as_batch
 
 
 class GDumb(Plugin):
@@ -77,7 +77,7 @@ class GDumb(Plugin):
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
-        new = _as_batch(strategy, strategy.experience.dataset)
+        new = as_batch(strategy.experience.dataset, strategy.device)
         if self.memory is None:
             self.memory = Memory(self.capacity)
         order = torch.randperm(len(new), generator=strategy.generator)
@@ -153,14 +153,3 @@ def greedy_balanced(stored: list[int], labels: list[int], capacity: int,
         mine.append(slot)
         written[slot] = i
     return list(written), list(written.values())
-
-
-def _as_batch(strategy, data) -> Batch:
-    """An experience's samples as one batch on the strategy's device (every rank reads all of them)."""
-    if isinstance(data, TensorData):
-        data = data.to(strategy.device)
-        return Batch(data.x, data.y, data.t)
-    from torch.utils.data import DataLoader
-
-    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]
-    return parts[0].cat(*parts[1:]).to(strategy.device)

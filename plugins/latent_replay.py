@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError
 from streamcl.memory import Budget, Codec, Memory, balanced, random_pick
-from streamcl.scenarios import TensorData
+from streamcl.scenarios import as_batch
 
 
 class LatentReplay(Plugin):
@@ -140,9 +140,10 @@ class LatentReplay(Plugin):
     @hookimpl
     def after_training_exp(self, strategy) -> None:
         exp = strategy.experience
-        y, t = _labels(strategy, exp.dataset)
+        new = as_batch(exp.dataset, strategy.device)
+        y, t = new.y, new.t
         if self.memory is None:
-            self._create(self._latents(strategy, exp.dataset, torch.zeros(1, dtype=torch.long)))
+            self._create(self._latents(strategy, new.x[:1]))
         self.classes += [c for c in exp.classes if c not in self.classes]
         self.experiences += 1
         quotas = self.budget.quotas(self.classes)
@@ -153,7 +154,7 @@ class LatentReplay(Plugin):
                 members = torch.nonzero(y == c).flatten()
                 picks.append(members[random_pick(len(members), quotas[c], strategy.generator).to(members.device)])
         index = torch.cat(picks)
-        self.memory.append(self._latents(strategy, exp.dataset, index), y[index], t[index])
+        self.memory.append(self._latents(strategy, new.x[index]), y[index], t[index])
 
     def _create(self, z: Tensor) -> None:
         """The memory, once the first latent tells its size (for ``memory_bytes``)."""
@@ -165,13 +166,13 @@ class LatentReplay(Plugin):
         self.memory = Memory(self.budget.total)
 
     @torch.no_grad()
-    def _latents(self, strategy, data, index: Tensor) -> Tensor:
-        """``lower(x)`` for the samples at ``index`` of ``data``, in eval mode."""
+    def _latents(self, strategy, x: Tensor) -> Tensor:
+        """``lower(x)``, in eval mode."""
         model, was_training = strategy.model, strategy.model.training
         lower = self.lower(model)
         model.eval()
         try:
-            out = [lower(_inputs(strategy, data, index[i:i + 1024])) for i in range(0, len(index), 1024)]
+            out = [lower(x[i:i + 1024]) for i in range(0, len(x), 1024)]
         finally:
             model.train(was_training)
         return torch.cat(out)
@@ -187,21 +188,4 @@ class LatentReplay(Plugin):
         if state["memory"] is not None:
             self.memory = Memory(state["capacity"])
             self.memory.load_state_dict(state["memory"])
-
-
-def _labels(strategy, data) -> tuple[Tensor, Tensor]:
-    """An experience's class and task labels, on the strategy's device."""
-    if isinstance(data, TensorData):
-        return data.y.to(strategy.device), data.t.to(strategy.device)
-    from torch.utils.data import DataLoader
-
-    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]
-    return (torch.cat([p.y for p in parts]).to(strategy.device), torch.cat([p.t for p in parts]).to(strategy.device))
-
-
-def _inputs(strategy, data, index: Tensor) -> Tensor:
-    """The inputs at ``index`` of ``data``, on the strategy's device."""
-    if isinstance(data, TensorData):
-        return data.x[index.to(data.x.device)].to(strategy.device)
-    return torch.stack([torch.as_tensor(data[i][0]) for i in index.tolist()]).to(strategy.device)
 

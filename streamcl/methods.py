@@ -34,6 +34,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                                build_plugin("distill", kind="bce"), build_plugin("nme")]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
+    Recipe("mir", "replay of the stored samples that a virtual SGD step on the minibatch would hurt most",
+           lambda memory=500, subsample=None: [build_plugin("mir", memory=memory, subsample=subsample)]),
+    Recipe("gdumb", "greedy class-balanced memory; the model retrained from scratch on it before each evaluation",
+           lambda memory=500, epochs=128: [build_plugin("gdumb", memory=memory, epochs=epochs)]),
     Recipe("latent_replay", "replay of first-hidden-layer activations; the layers below frozen after the first experience",
            lambda memory=500: [build_plugin("latent_replay", memory=memory)]),
 )}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from streamcl import Batch, ConfigError, Strategy
+from streamcl import ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.plugins import Replay
 from tests.accuracy import mean_final, protocol_runs
