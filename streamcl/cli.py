@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streamcl.errors import StreamclError
 
-DEMO_METHODS = ("naive", "cumulative", "joint")
+DEMO_METHODS = ("naive", "replay", "replay_lwf", "icarl", "derpp", "joint")
 
 
 def main(argv: list[str] | None = None) -> int:
