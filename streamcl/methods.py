@@ -24,7 +24,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda: [build_plugin("cumulative")]),
     Recipe("joint", "one offline training on the whole stream joined (upper bound)", lambda: [], offline=True),
     Recipe("replay", "experience replay: a class-balanced memory replayed beside every minibatch (ER)",
-           lambda memory=500, selection="class_balanced": [build_plugin("replay", memory=memory, selection=selection)]),
+           lambda memory=500, **options: [build_plugin("replay", memory=memory, **options)]),  # any Replay argument
     Recipe("derpp", "dark experience replay++: a reservoir memory of samples and logits; logit matching + replayed labels",
            lambda memory=500, alpha=1.0, beta=0.5: [build_plugin("dark_replay", memory=memory, alpha=alpha, beta=beta)]),
     Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
