@@ -25,3 +25,8 @@ def protocol_runs(part: dict, overrides: tuple = ()) -> list[dict]:
 
 def mean_final(part: dict, overrides: tuple = ()) -> float:
     return statistics.mean(r["final_accuracy"] for r in protocol_runs(part, overrides))
+
+
+def finals(part: dict, overrides: tuple = ()) -> list[float]:
+    """The final average accuracy of each seed's run."""
+    return [r["final_accuracy"] for r in protocol_runs(part, overrides)]

@@ -11,6 +11,7 @@ from streamcl import ConfigError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.dark_replay import DarkReplay
 from tests.synthetic import tiny_benchmark
+from tests.accuracy import finals
 
 
 def hand_model():
@@ -162,26 +163,9 @@ def test_bad_settings(kwargs):
 
 
 # ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
-def sfm5(plugins, seed):
-    from streamcl import config
-    from streamcl.runner import build_benchmark, build_model, build_optimizer, seed_everything
-
-    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
-    seed_everything(seed)
-    bench = build_benchmark(cfg)
-    model = build_model(cfg, bench.n_classes, 784)
-    t = cfg["train"]
-    s = Strategy(model, build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"], batch_size=t["batch_size"],
-                 eval_batch_size=t["eval_batch_size"], seed=seed)
-    for exp in bench.train_stream:
-        s.train(exp)
-        result = s.eval(bench.test_stream)
-    return result["final_accuracy"]
-
-
 @pytest.fixture(scope="module")
 def derpp_500():
-    return [sfm5([DarkReplay(memory=500)], seed) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "derpp", "memory": 500}})
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.replay import Replay
 from tests.reliability import Crash, crash_at_step
 from tests.synthetic import tiny_benchmark
+from tests.accuracy import finals
 
 
 class Fixed(nn.Module):
@@ -261,24 +262,9 @@ def test_checkpoint_inside_an_experience_keeps_the_teacher(tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
-def sfm5_final_accuracy(make_plugins, seed):
-    from streamcl import config
-    from streamcl.runner import build_benchmark, build_model, build_optimizer, seed_everything
-
-    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
-    seed_everything(seed)
-    bench = build_benchmark(cfg)
-    model = build_model(cfg, 10, 784)
-    s = Strategy(model, build_optimizer(cfg, model), plugins=make_plugins(), epochs=cfg["train"]["epochs"],
-                 batch_size=cfg["train"]["batch_size"], eval_batch_size=cfg["train"]["eval_batch_size"], seed=seed)
-    for exp in bench.train_stream:
-        s.train(exp)
-    return statistics.mean(s.eval(bench.test_stream)["accuracy"])
-
-
 @pytest.fixture(scope="module")
 def replay_lwf_runs():
-    return [sfm5_final_accuracy(lambda: [Replay(memory=500), LwFDistill()], seed) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "replay_lwf", "memory": 500}})
 
 
 @pytest.mark.slow

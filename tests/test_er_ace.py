@@ -174,9 +174,9 @@ def test_owns_the_criterion_and_refuses_bad_settings():
 # ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
 @pytest.fixture(scope="module")
 def er_ace_500():
-    from tests.test_dark_replay import sfm5
+    from tests.accuracy import finals
 
-    return [sfm5([Replay(memory=500, selection="reservoir"), ERACE()], seed) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "er_ace", "memory": 500}})
 
 
 @pytest.mark.slow

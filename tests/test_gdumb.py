@@ -7,6 +7,7 @@ from streamcl import ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.plugins.gdumb import GDumb, greedy_balanced
 from tests.synthetic import tiny_benchmark
+from tests.accuracy import finals
 
 
 def counts(slots_labels):
@@ -126,26 +127,9 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, stop):
 
 
 # ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
-def sfm5_run(make_plugins, seed: int) -> float:
-    from streamcl import config
-    from streamcl import runner as R
-
-    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
-    R.seed_everything(seed)
-    bench = R.build_benchmark(cfg)
-    model = R.build_model(cfg, bench.n_classes, 784)
-    t = cfg["train"]
-    s = Strategy(model, R.build_optimizer(cfg, model), plugins=make_plugins(), epochs=t["epochs"],
-                 batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], seed=seed)
-    for exp in bench.train_stream:
-        s.train(exp)
-        result = s.eval(bench.test_stream)
-    return result["final_accuracy"]
-
-
 @pytest.fixture(scope="module")
 def gdumb_500():
-    return [sfm5_run(lambda: [GDumb(memory=500)], seed) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "gdumb", "memory": 500}})
 
 
 @pytest.mark.slow

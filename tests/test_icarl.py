@@ -3,19 +3,13 @@ import statistics
 
 import pytest
 
-from streamcl.plugins.distill import Distill
-from streamcl.plugins.nme import NMEClassifier
-from streamcl.plugins.replay import Replay
-from tests.test_distill import sfm5_final_accuracy
-
-
-def icarl():
-    return [Replay(memory=500, selection="herding"), Distill(kind="bce"), NMEClassifier()]
+from tests.accuracy import finals
 
 
 @pytest.fixture(scope="module")
 def icarl_runs():
-    return [sfm5_final_accuracy(icarl, seed) for seed in (0, 1, 2)]
+    # the recipe: Replay(memory=500, selection="herding"), Distill(kind="bce"), NMEClassifier()
+    return finals({"method": {"name": "icarl", "memory": 500}})
 
 
 @pytest.mark.slow

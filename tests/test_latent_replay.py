@@ -8,6 +8,7 @@ from streamcl import Batch, ConfigError, Strategy
 from streamcl.models import MLP, Classifier
 from streamcl.plugins.latent_replay import LatentReplay
 from tests.synthetic import tiny_benchmark
+from tests.accuracy import finals
 
 
 def make(plugin, n_classes=6, n_exp=3, lr=0.1, **kwargs):
@@ -189,24 +190,9 @@ def test_resume_inside_an_experience_keeps_the_lower_layers_fixed(tmp_path, monk
 
 # ------------------------------------------------------------------------------ real SFM-5
 
-def sfm5(seed, memory):
-    from streamcl import config
-    from streamcl.runner import build_benchmark, build_model, build_optimizer, seed_everything
-
-    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
-    seed_everything(seed)
-    bench = build_benchmark(cfg)
-    model = build_model(cfg, 10, 784)
-    s = Strategy(model, build_optimizer(cfg, model), plugins=[LatentReplay(memory=memory)], epochs=2,
-                 batch_size=128, eval_batch_size=512, seed=seed)
-    for exp in bench.train_stream:
-        s.train(exp)
-    return s.eval(bench.test_stream)["final_accuracy"]
-
-
 @pytest.fixture(scope="module")
 def sfm5_500():
-    return [sfm5(seed, 500) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "latent_replay", "memory": 500}})
 
 
 @pytest.mark.slow

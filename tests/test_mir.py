@@ -9,6 +9,7 @@ from streamcl.memory import Memory
 from streamcl.models import MLP
 from streamcl.plugins.mir import MIR, interference
 from tests.synthetic import tiny_benchmark
+from tests.accuracy import finals
 
 
 def linear_strategy(lr=0.5, plugins=()):
@@ -144,26 +145,9 @@ def test_tiny_run_and_a_checkpoint_round_trip_continue_identically(tmp_path):
 
 
 # ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
-def sfm5_run(make_plugins, seed: int) -> float:
-    from streamcl import config
-    from streamcl import runner as R
-
-    cfg = config.parse({"seed": seed, "log": {"tensorboard": False, "console": False}})
-    R.seed_everything(seed)
-    bench = R.build_benchmark(cfg)
-    model = R.build_model(cfg, bench.n_classes, 784)
-    t = cfg["train"]
-    s = Strategy(model, R.build_optimizer(cfg, model), plugins=make_plugins(), epochs=t["epochs"],
-                 batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], seed=seed)
-    for exp in bench.train_stream:
-        s.train(exp)
-        result = s.eval(bench.test_stream)
-    return result["final_accuracy"]
-
-
 @pytest.fixture(scope="module")
 def mir_500():
-    return [sfm5_run(lambda: [MIR(memory=500)], seed) for seed in (0, 1, 2)]
+    return finals({"method": {"name": "mir", "memory": 500}})
 
 
 @pytest.mark.slow
