@@ -8,6 +8,7 @@ from streamcl.plugins.latent_replay import LatentReplay
 from streamcl.plugins.mir import MIR
 from streamcl.plugins.nme import NMEClassifier
 from streamcl.plugins.replay import Replay
+from streamcl.plugins.task_mask import TaskMask
 
 __all__ = ["Cumulative", "DarkReplay", "Distill", "ERACE", "GDumb", "LatentReplay", "LwFDistill", "MIR", "NMEClassifier",
-           "Replay"]
+           "Replay", "TaskMask"]

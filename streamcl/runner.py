@@ -97,6 +97,8 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     n_features = bench.train_stream[0].dataset[0][0].numel()
     model = build_model(cfg, bench.n_classes, n_features)
     plugins, offline = build_plugins(cfg)
+    if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
+        plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
     loggers: list = []
     if out is not None and dist.is_main():  # only rank 0 writes results and TensorBoard
         out = Path(out)
