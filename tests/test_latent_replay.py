@@ -1,4 +1,3 @@
-import statistics
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ from streamcl import Batch, ConfigError, Strategy
 from streamcl.models import MLP, Classifier
 from streamcl.plugins.latent_replay import LatentReplay
 from tests.synthetic import tiny_benchmark
-from tests.accuracy import finals
 
 
 def make(plugin, n_classes=6, n_exp=3, lr=0.1, **kwargs):
@@ -186,16 +184,3 @@ def test_resume_inside_an_experience_keeps_the_lower_layers_fixed(tmp_path, monk
     for exp in bench.train_stream[2:]:
         resumed.train(exp)
     assert all(torch.equal(a, b) for a, b in zip(expected, snapshot(resumed.model)))
-
-
-# ------------------------------------------------------------------------------ real SFM-5
-
-@pytest.fixture(scope="module")
-def sfm5_500():
-    return finals({"method": {"name": "latent_replay", "memory": 500}})
-
-
-@pytest.mark.slow
-def test_sfm5_latent_replay_500(sfm5_500):
-    # measured 0.7589 (0.7613, 0.7517, 0.7636); Replay-500 (inputs) reaches 0.784
-    assert statistics.mean(sfm5_500) >= 0.74

@@ -1,4 +1,3 @@
-import statistics
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from streamcl.memory import Memory
 from streamcl.models import MLP
 from streamcl.plugins.mir import MIR, interference
 from tests.synthetic import tiny_benchmark
-from tests.accuracy import finals
 
 
 def linear_strategy(lr=0.5, plugins=()):
@@ -142,14 +140,3 @@ def test_tiny_run_and_a_checkpoint_round_trip_continue_identically(tmp_path):
     assert resumed.eval(bench.test_stream) == expected
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ----------------------------------------------------------------------------- SFM-5 accuracy (seeds 0-2)
-@pytest.fixture(scope="module")
-def mir_500():
-    return finals({"method": {"name": "mir", "memory": 500}})
-
-
-@pytest.mark.slow
-def test_mir_500_on_sfm5(mir_500):
-    assert statistics.mean(mir_500) >= 0.76, mir_500
