@@ -20,9 +20,9 @@ class Distill(Plugin):
 
     At ``before_training_exp`` of every experience after the first, the teacher is a frozen copy of
     ``strategy.model`` (eval mode, no gradients). On every training minibatch (replayed samples
-    included, unless ``replayed=False``), with student logits ``z`` (after ``adapt_logits``) and
-    teacher logits ``z'`` restricted to the old classes (those of the experiences trained before
-    this one):
+    included, unless ``replayed=False``), with student logits ``z`` and teacher logits ``z'``, both
+    the model's own (before ``adapt_logits``: a task mask does not hide the old heads), restricted to
+    the old classes (those of the experiences trained before this one):
 
     * ``kind="kl"`` (LwF; Li & Hoiem 2017, "Learning without Forgetting", eq. 2-3):
       ``T^2 * KL(softmax(z'/T) || softmax(z/T))``, averaged over the batch. The paper's loss is the
@@ -87,7 +87,7 @@ class Distill(Plugin):
     def loss_terms(self, strategy, batch, output) -> dict[str, Tensor] | None:
         if self.teacher is None or self.weight == 0:
             return None
-        logits = output.logits
+        logits = output.logits if output.raw is None else output.raw  # the model's own, as the teacher's
         if not self.replayed:  # the experience's own samples come first, replayed ones after them
             batch, logits = batch.select(slice(0, strategy.n_current)), logits[: strategy.n_current]
         if self._old is None or self._old.device != logits.device:

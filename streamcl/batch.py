@@ -41,7 +41,9 @@ class Batch(NamedTuple):
 
 
 class Output(NamedTuple):
-    """A forward pass: ``logits`` (after every ``adapt_logits``) and ``features`` (or ``None``)."""
+    """A forward pass: ``logits`` (after every ``adapt_logits``), ``features`` (or ``None``) and
+    ``raw``, the model's own logits before any ``adapt_logits`` (``None`` where nobody set it)."""
 
     logits: Tensor
     features: Tensor | None
+    raw: Tensor | None = None

@@ -206,17 +206,22 @@ class Strategy:
         return EvalCounts(exp.index, correct.cpu(), total.cpu())
 
     # ------------------------------------------------------------------------------- pieces
-    def forward(self, batch: Batch) -> Output:
-        """The model on ``batch.x`` (and task labels, if it takes them), then every ``adapt_logits``."""
+    def forward(self, batch: Batch, net=None) -> Output:
+        """The model on ``batch.x`` (and task labels, if it takes them), then every ``adapt_logits``.
+
+        ``net`` replaces the model for this call (a callable taking the model's arguments, e.g. the
+        model under ``torch.func.functional_call``).
+        """
         kwargs = {"task_labels": batch.t} if self._takes_task else {}
-        net = self._net if self.is_training else self.model
+        net = net if net is not None else self._net if self.is_training else self.model
         if self._returns_features:
-            logits, features = net(batch.x, return_features=True, **kwargs)
+            raw, features = net(batch.x, return_features=True, **kwargs)
         else:
-            logits, features = net(batch.x, **kwargs), None
+            raw, features = net(batch.x, **kwargs), None
+        logits = raw
         if self._hook["adapt_logits"]:
-            logits = call_chain(self.pm, "adapt_logits", logits, strategy=self, features=features, batch=batch)
-        return Output(logits, features)
+            logits = call_chain(self.pm, "adapt_logits", raw, strategy=self, features=features, batch=batch)
+        return Output(logits, features, raw)
 
     def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None,
                 start: int = 0) -> Iterator[Batch]:

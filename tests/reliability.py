@@ -1,6 +1,8 @@
 """Shared pieces of the reliability tests: every built-in plugin and recipe, tiny runs, injected crashes."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from streamcl import config, runner
@@ -21,9 +23,12 @@ def plugin_part(name: str) -> dict:
     return {"plugins": [PARTNER[r] for r in sorted(needs)] + [{"name": name}]}
 
 
-# (label, config part) for every built-in plugin (with what it needs) and every recipe
+# (label, config part) for every built-in plugin (with what it needs) and every recipe; while working
+# on one plugin, STREAMCL_TEST_UNITS=plugin:ewc,method:ewc limits the generic tests (and torchrun's worker) to those
 UNITS = [(f"plugin:{n}", plugin_part(n)) for n in BUILTIN_PLUGINS] + \
         [(f"method:{n}", {"method": {"name": n}}) for n in RECIPE_NAMES]
+if os.environ.get("STREAMCL_TEST_UNITS"):
+    UNITS = [u for u in UNITS if u[0] in os.environ["STREAMCL_TEST_UNITS"].split(",")]
 
 
 class Crash(Exception):

@@ -1,0 +1,149 @@
+"""Parameter importance and importance-weighted anchoring, shared by the parameter regularisers.
+
+* :func:`sample_gradients`: the mean over a dataset of a per-sample gradient, squared (a Fisher
+  diagonal) or absolute (MAS), computed with ``torch.func`` in chunks;
+* :class:`Anchors`: ``sum_k sum_i c_ki (theta_i - a_ki)^2`` over anchor points ``k``, with each
+  parameter's total coefficient capped so that plain or momentum SGD stays stable on it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from streamcl import distributed as dist
+from streamcl.batch import Batch
+
+CHUNK = 256
+
+
+def trainable(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s parameters that take gradients, by name, detached."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sample_gradients(strategy, data, score: Callable[[Tensor, Batch], Tensor], reduce: str = "square",
+                     chunk: int = CHUNK) -> dict[str, Tensor]:
+    """``mean_n f(d score(x_n) / d theta)`` over the samples of ``data``, for every trainable parameter.
+
+    ``score(logits, batch)`` is a scalar for a batch of one sample (``logits`` after every
+    ``adapt_logits``, as in training); ``f`` is the square (``reduce="square"``) or the absolute
+    value (``"abs"``). The model is in evaluation mode meanwhile. Under torchrun each rank takes
+    its share of ``data`` and the sums are all-reduced.
+    """
+    if reduce not in ("square", "abs"):
+        raise ValueError(f"reduce={reduce!r}: use 'square' or 'abs'")
+    model, was_training = strategy.model, strategy.model.training
+    params, buffers = trainable(model), dict(model.named_buffers())
+
+    def one(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        batch = Batch(x[None], y[None], t[None])
+        net = lambda *args, **kwargs: functional_call(model, (p, buffers), args, kwargs)  # noqa: E731
+        return score(strategy.forward(batch, net=net).logits, batch)
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = torch.zeros((), device=strategy.device)
+    model.eval()
+    try:
+        for batch in strategy.batches(data, chunk):
+            for n, g in per_sample(params, batch.x, batch.y, batch.t).items():
+                total[n] += (g.square() if reduce == "square" else g.abs()).sum(0)
+            count += len(batch)
+    finally:
+        model.train(was_training)
+    if strategy.world > 1:
+        for t in (*total.values(), count):
+            dist.all_reduce(t)
+    return {n: t / count.clamp(min=1) for n, t in total.items()}
+
+
+def stability_limit(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
+    """The largest curvature each parameter (by ``id``) may get from a quadratic penalty.
+
+    Heavy-ball SGD with step ``lr`` and momentum ``mu`` diverges on a quadratic of curvature ``h``
+    once ``lr * h >= 2 (1 + mu)``; the limit is half that, leaving room for the task loss. Other
+    optimizers (Adam's steps are bounded by its ``lr``) set no limit.
+    """
+    limits: dict[int, float] = {}
+    for group in getattr(optimizer, "param_groups", []):
+        if isinstance(optimizer, torch.optim.SGD) and group["lr"] > 0:
+            for p in group["params"]:
+                limits[id(p)] = (1 + group.get("momentum", 0.0)) / group["lr"]
+    return limits
+
+
+class Anchors:
+    """An importance-weighted quadratic pull towards earlier parameter values.
+
+    ``penalty(model)`` is ``sum_k sum_i c_ki (theta_i - a_ki)^2`` over the points added with
+    :meth:`add` (``c`` the weight times the importance, ``a`` the anchor values). A parameter that
+    grew since (a head with more classes) is compared on its leading rows; one that is gone is skipped.
+    """
+
+    def __init__(self, name: str):
+        self.name = name  # the regulariser's, for messages
+        self.points: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # (coefficients, anchors)
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    @torch.no_grad()
+    def add(self, coefficients: dict[str, Tensor], anchors: dict[str, Tensor], *, decay: float | None = None,
+            model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Add a point (``decay`` given: fold the points into one, ``decay * old + new``, at ``anchors``).
+
+        With ``model`` and an SGD ``optimizer``, each parameter's total coefficient is capped at
+        half its stability limit (see :func:`stability_limit`); a warning says how many were.
+        """
+        coefficients = {n: c.detach().clone() for n, c in coefficients.items()}
+        anchors = {n: a.detach().clone() for n, a in anchors.items()}
+        if decay is not None and self.points:
+            (old, _), = self.points
+            for n, c in coefficients.items():
+                if n in old and old[n].shape == c.shape:
+                    c += decay * old[n]
+            self.points = []
+        self.points.append((coefficients, anchors))
+        if model is not None:
+            self._cap(model, optimizer)
+
+    def _cap(self, model: nn.Module, optimizer) -> None:
+        limits, capped, total = stability_limit(optimizer), 0, 0
+        for n, p in model.named_parameters():
+            mine = [c for c, _ in self.points if n in c and c[n].shape == p.shape]
+            if id(p) not in limits or not mine:
+                continue
+            curvature = 2 * sum(c[n] for c in mine)  # of sum_k c_k (theta - a_k)^2
+            scale = (0.5 * limits[id(p)] / curvature.clamp(min=1e-30)).clamp(max=1.0)
+            capped, total = capped + int((scale < 1).sum()), total + scale.numel()
+            for c in mine:
+                c[n] *= scale
+        if capped:
+            warnings.warn(f"{self.name}: the penalty on {capped} of {total} parameters was capped at half the SGD "
+                          "stability limit (1 + momentum) / lr, so the run cannot diverge; a smaller weight avoids it",
+                          RuntimeWarning, stacklevel=3)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """The penalty on ``model``'s current parameters (differentiable); 0 with no point."""
+        params = dict(model.named_parameters())
+        out = torch.zeros((), device=next(model.parameters()).device)
+        for coefficients, anchors in self.points:
+            for n, c in coefficients.items():
+                p = params.get(n)
+                if p is None or not p.requires_grad:
+                    continue
+                p = p[: c.shape[0]] if p.dim() and p.shape[1:] == c.shape[1:] else p
+                out = out + (c * (p - anchors[n]).square()).sum()
+        return out
+
+    def state_dict(self) -> list:
+        return [({n: c.clone() for n, c in cs.items()}, {n: a.clone() for n, a in an.items()})
+                for cs, an in self.points]
+
+    def load_state_dict(self, state: list) -> None:
+        self.points = [({n: c.clone() for n, c in cs.items()}, {n: a.clone() for n, a in an.items()})
+                       for cs, an in state]
