@@ -1,0 +1,86 @@
+"""streamcl.penalty: per-sample gradient means and capped importance-weighted anchors, against hand computations."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from streamcl import Strategy, TensorData
+from streamcl.penalty import Anchors, sample_gradients, stability_limit
+
+
+def linear_strategy(lr=0.1, momentum=0.0):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
+
+
+def test_squared_and_absolute_per_sample_gradients_of_a_linear_model():
+    s = linear_strategy()
+    x, y = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 1, 0, 1])
+    fisher = sample_gradients(s, TensorData(x, y), lambda z, b: F.cross_entropy(z, b.y), "square", chunk=2)
+    # d CE / d logits = softmax - onehot; d / dW = that outer x, per sample
+    d = torch.softmax(s.model(x), 1).detach() - F.one_hot(y, 2).float()
+    assert torch.allclose(fisher["weight"], (d[:, :, None] * x[:, None, :]).square().mean(0), atol=1e-6)
+    assert torch.allclose(fisher["bias"], d.square().mean(0), atol=1e-6)
+    # d ||Wx + b||^2 / dW = 2 (Wx + b) x^T
+    mas = sample_gradients(s, TensorData(x, y), lambda z, b: z.square().sum(), "abs", chunk=3)
+    z = s.model(x).detach()
+    assert torch.allclose(mas["weight"], (2 * z[:, :, None] * x[:, None, :]).abs().mean(0), atol=1e-5)
+    assert s.model.training  # the mode is put back
+
+
+def test_penalty_is_the_weighted_squared_distance_to_every_anchor():
+    s = linear_strategy()
+    model, anchors = s.model, Anchors("test")
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    anchors.add({"weight": torch.full((2, 3), 0.5)}, {"weight": w0 - 1})
+    anchors.add({"weight": torch.full((2, 3), 2.0), "bias": torch.ones(2)}, {"weight": w0, "bias": b0 + 2})
+    value = anchors.penalty(model)
+    assert value.item() == pytest.approx(0.5 * 6 * 1 + 2.0 * 0 + 1.0 * 2 * 4)
+    value.backward()
+    assert torch.allclose(model.weight.grad, torch.full((2, 3), 2 * 0.5 * 1.0))
+    assert torch.allclose(model.bias.grad, torch.full((2,), 2 * 1.0 * -2.0))
+
+
+def test_decay_folds_the_points_into_one_at_the_newest_anchor():
+    anchors = Anchors("test")
+    anchors.add({"w": torch.tensor([1.0, 2.0])}, {"w": torch.zeros(2)})
+    anchors.add({"w": torch.tensor([3.0, 1.0])}, {"w": torch.ones(2)}, decay=0.5)
+    (coef, centre), = anchors.points
+    assert torch.equal(coef["w"], torch.tensor([3.5, 2.0])) and torch.equal(centre["w"], torch.ones(2))
+
+
+def test_coefficients_are_capped_at_half_the_sgd_stability_limit():
+    s = linear_strategy(lr=0.1, momentum=0.9)
+    assert stability_limit(s.optimizer)[id(s.model.weight)] == pytest.approx(19.0)  # (1 + 0.9) / 0.1
+    anchors = Anchors("test")
+    with pytest.warns(RuntimeWarning, match="capped"):
+        anchors.add({"weight": torch.tensor([[1e9, 1.0, 1.0], [1.0, 1.0, 1.0]])},
+                    {"weight": torch.zeros(2, 3)}, model=s.model, optimizer=s.optimizer)
+    coef = anchors.points[0][0]["weight"]
+    assert coef[0, 0].item() == pytest.approx(0.5 * 19.0 / 2)  # curvature 2c <= half the limit
+    assert torch.equal(coef.flatten()[1:], torch.ones(5))
+
+
+def test_a_huge_weight_cannot_make_sgd_diverge():
+    s = linear_strategy(lr=0.5, momentum=0.9)
+    anchors = Anchors("test")
+    with pytest.warns(RuntimeWarning):
+        anchors.add({n: torch.full_like(p, 1e12) for n, p in s.model.named_parameters()},
+                    {n: torch.zeros_like(p) for n, p in s.model.named_parameters()}, model=s.model, optimizer=s.optimizer)
+    for _ in range(200):
+        s.optimizer.zero_grad()
+        anchors.penalty(s.model).backward()
+        s.optimizer.step()
+    assert torch.isfinite(s.model.weight).all() and s.model.weight.abs().max() < 1e-3
+
+
+def test_a_grown_parameter_is_compared_on_its_leading_rows_and_state_round_trips():
+    model, anchors = nn.Linear(2, 3), Anchors("test")
+    with torch.no_grad():
+        model.weight.zero_()
+    anchors.add({"weight": torch.ones(2, 2)}, {"weight": torch.ones(2, 2)})
+    assert anchors.penalty(model).item() == 4.0  # rows 0-1 of the 3-row weight
+    copy = Anchors("test")
+    copy.load_state_dict(anchors.state_dict())
+    assert copy.penalty(model).item() == 4.0
