@@ -20,7 +20,8 @@ class Replay(Plugin):
     the strategy's batch size). The memory holds ``memory`` samples in total (or ``per_class`` per
     class, or as many as fit in ``memory_bytes``) and is updated after each experience:
 
-    * ``class_balanced`` (default): the total split evenly over the classes seen, random samples;
+    * ``class_balanced`` (default): the total split evenly over the classes seen, random samples (a
+      class that recurs, as in domain-incremental streams, split again evenly over its experiences);
     * ``herding``: the same split, samples picked by herding on the model's features (iCaRL, Alg. 4);
     * ``experience_balanced``: the total split evenly over the experiences seen, random samples;
     * ``random``: a uniform sample of everything seen (reservoir sampling over each experience);
@@ -111,21 +112,30 @@ class Replay(Plugin):
         if self.selection == "experience_balanced":
             keep = self._by_experience(pool_origin, n_stored, strategy.generator)
         else:
-            keep = self._by_class(strategy, pool, n_stored, set(exp.classes))
+            keep = self._by_class(strategy, pool, pool_origin, n_stored, set(exp.classes))
         memory.size = 0
         memory.append(*pool.select(keep), experience=pool_origin[keep])
 
-    def _by_class(self, strategy, pool: Batch, n_stored: int, new_classes: set) -> Tensor:
-        """Keep each class's quota: stored order for classes not in the experience, else a fresh pick."""
-        quotas = self.budget.quotas(self.classes)
+    def _by_class(self, strategy, pool: Batch, origin: Tensor, n_stored: int, new_classes: set) -> Tensor:
+        """Keep each class's quota: stored order for classes not in the experience, else a fresh pick.
+
+        A class seen in earlier experiences too (domain-incremental streams) splits its quota
+        evenly over the experiences it came in, keeping the stored samples of the earlier ones.
+        """
+        quotas, newest = self.budget.quotas(self.classes), self.experiences - 1
         keep = [balanced(pool.y[:n_stored], {c: q for c, q in quotas.items() if c not in new_classes})]
         for c in self.classes:
             if c in new_classes:
                 members = torch.nonzero(pool.y == c).flatten()
+                came = origin[members]
+                share = Budget(total=quotas[c]).quotas(sorted(set(came.tolist())))
+                if len(share) > 1:  # earlier experiences' samples of this class, in stored order
+                    keep.append(members[balanced(came, {e: q for e, q in share.items() if e != newest})])
+                    members = members[came == newest]
                 if self.selection == "herding":
-                    pick = herding(_features(strategy, pool.x[members]), quotas[c])
+                    pick = herding(_features(strategy, pool.x[members]), share[newest])
                 else:
-                    pick = random_pick(len(members), quotas[c], strategy.generator).to(members.device)
+                    pick = random_pick(len(members), share[newest], strategy.generator).to(members.device)
                 keep.append(members[pick])
         return torch.cat(keep)
 

@@ -32,6 +32,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("icarl", "iCaRL: herding exemplars, BCE distillation, nearest-mean-of-exemplars classifier",
            lambda memory=500: [build_plugin("replay", memory=memory, selection="herding"),
                                build_plugin("distill", kind="bce"), build_plugin("nme")]),
+    Recipe("lwf", "learning without forgetting: distillation of the old classes' logits from the model before the experience",
+           lambda weight=1.0, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
     Recipe("mir", "replay of the stored samples that a virtual SGD step on the minibatch would hurt most",

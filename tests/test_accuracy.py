@@ -4,22 +4,24 @@ References are Avalanche 0.6.0 on the same protocol; docs/results.md has the mea
 """
 import pytest
 
-from tests.accuracy import finals
+from tests.accuracy import PROTOCOLS, finals
 
-# (recipe and its arguments, bar, what the bar is)
+# (protocol, recipe and its arguments, bar, what the bar is)
 BARS = [
-    ({"name": "icarl", "memory": 500}, 0.72, "issue bar; reference 0.668"),
-    ({"name": "replay_lwf", "memory": 500}, 0.79, "issue bar; reference 0.787"),
-    ({"name": "derpp", "memory": 500}, 0.79, "issue bar; reference 0.790"),
-    ({"name": "er_ace", "memory": 500}, 0.78, "issue bar; reference 0.778"),
-    ({"name": "mir", "memory": 500}, 0.76, "issue bar"),
-    ({"name": "gdumb", "memory": 500}, 0.65, "issue bar; reference 0.439 with 2 epochs on memory"),
-    ({"name": "latent_replay", "memory": 500}, 0.74, "measured 0.759 minus a margin; Replay-500 reaches 0.784"),
+    ("SFM-5", {"name": "icarl", "memory": 500}, 0.72, "issue bar; reference 0.668"),
+    ("SFM-5", {"name": "replay_lwf", "memory": 500}, 0.79, "issue bar; reference 0.787"),
+    ("SFM-5", {"name": "derpp", "memory": 500}, 0.79, "issue bar; reference 0.790"),
+    ("SFM-5", {"name": "er_ace", "memory": 500}, 0.78, "issue bar; reference 0.778"),
+    ("SFM-5", {"name": "mir", "memory": 500}, 0.76, "issue bar"),
+    ("SFM-5", {"name": "gdumb", "memory": 500}, 0.65, "issue bar; reference 0.439 with 2 epochs on memory"),
+    ("SFM-5", {"name": "latent_replay", "memory": 500}, 0.74, "measured 0.759 minus a margin; Replay-500 reaches 0.784"),
+    ("PFM-5", {"name": "lwf"}, 0.765, "issue bar; reference 0.749-0.769"),
+    ("SFM-5-TIL", {"name": "lwf"}, 0.985, "issue bar; reference 0.989-0.990"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,bar,why", BARS, ids=[m["name"] for m, _, _ in BARS])
-def test_sfm5_final_accuracy(method, bar, why):
-    runs = finals({"method": method})
+@pytest.mark.parametrize("protocol,method,bar,why", BARS, ids=[f"{p}-{m['name']}" for p, m, _, _ in BARS])
+def test_final_accuracy(protocol, method, bar, why):
+    runs = finals({**PROTOCOLS[protocol], "method": method})
     assert sum(runs) / len(runs) >= bar, (runs, why)

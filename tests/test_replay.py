@@ -35,6 +35,25 @@ def test_old_classes_keep_their_first_picks_when_quotas_shrink():
     assert torch.equal(plugin.memory.inputs()[plugin.memory.labels == 0], first[:2])
 
 
+def test_a_recurring_class_splits_its_quota_over_its_experiences():
+    """Domain-incremental: every experience has the same classes; each keeps an even share of each class."""
+    from streamcl.scenarios import domain_incremental
+    from tests.synthetic import blobs
+    torch.manual_seed(0)
+    bench = domain_incremental(blobs(20, 2), blobs(5, 2, seed=1), 3, transform=lambda k, x: x + k, split=False)
+    plugin = Replay(memory=12)
+    model = MLP(8, [16], 2)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin], batch_size=16, seed=0)
+    s.train(bench.train_stream[0])
+    s.train(bench.train_stream[1])
+    kept = plugin.memory.inputs()[:, 0].clone()
+    s.train(bench.train_stream[2])
+    origin, labels = plugin.memory.extras["experience"][:12], plugin.memory.labels
+    for c in (0, 1):  # 6 per class, 2 from each experience
+        assert torch.bincount(origin[labels == c], minlength=3).tolist() == [2, 2, 2]
+    assert set(plugin.memory.inputs()[origin < 2][:, 0].tolist()) <= set(kept.tolist())  # stored ones kept
+
+
 def test_herding_selection_matches_herding_on_the_features():
     from streamcl.memory import herding
 
