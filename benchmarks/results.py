@@ -1,27 +1,55 @@
-"""Regenerate docs/results.md: each recipe on SFM-5 over seeds 0, 1, 2 (../shared/PROTOCOLS.md).
+"""Regenerate one protocol's section of docs/results.md: each method over seeds 0, 1, 2 (../shared/PROTOCOLS.md).
 
-    python benchmarks/results.py [--methods naive cumulative joint] [--seeds 0 1 2] [--out docs/results.md]
+    python benchmarks/results.py [--protocol SFM-5|SFM-5-TIL|PFM-5] [--methods naive replay:memory=2000]
+                                 [--seeds 0 1 2] [--out docs/results.md]
 
 Reports the mean ± std of final average accuracy, average incremental accuracy, forgetting and
-train seconds per recipe, then every seed's row.
+train/eval seconds per method, then every seed's row with old/new accuracy. The other protocols'
+sections of the file are kept as they are.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 from pathlib import Path
 
 from streamcl import config, runner
+from streamcl.config import PROTOCOLS
 from streamcl.methods import RECIPES
 
-# Final average accuracy on SFM-5, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md).
-REFERENCE = {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
-             "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787}
+# Final average accuracy, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md; issue texts for seed 0 only)
+REFERENCE = {
+    "SFM-5": {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
+              "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787, "gem": 0.742,
+              "ewc": 0.199, "si": 0.199, "lwf": 0.199},
+    "SFM-5-TIL": {"naive": 0.936, "replay": 0.988, "ewc": 0.972, "lwf": 0.989, "mas": 0.988, "gem": 0.988,
+                  "agem": 0.988},
+    "PFM-5": {"naive": 0.734, "joint": 0.817, "replay": 0.792, "ewc": 0.774, "online_ewc": 0.781, "lwf": 0.749,
+              "mas": 0.756, "gem": 0.789, "agem": 0.795, "si": 0.734},
+}
+DESCRIPTION = {
+    "SFM-5": "Split Fashion-MNIST, 5 experiences of 2 classes, class-incremental (one 10-way head, no task label)",
+    "SFM-5-TIL": "the same stream, task-incremental (task label given at train and test time; logits masked "
+                 "to the task's classes)",
+    "PFM-5": "Permuted Fashion-MNIST, 5 experiences of 12,000 images, each a fixed pixel permutation, "
+             "domain-incremental (all 10 classes in every experience)",
+}
+MODEL = "MLP 784-256-256-10, SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience"
 # compressed replay in the bytes of 500 float32 samples (with their two int64 labels)
 COMPRESSED = 'replay:memory_bytes=1576000,compress="uint8"'
-PROTOCOL = "SFM-5 (Split Fashion-MNIST, 5 experiences of 2 classes, class-incremental; MLP 784-256-256-10, " \
-           "SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience)"
+DEFAULT_METHODS = {
+    "SFM-5": [*(n for n, r in RECIPES.items() if n not in ("lwf", "ewc", "online_ewc", "si", "mas", "hypernetwork",
+                                                           "progress_compress")),
+              "replay:memory=2000", COMPRESSED],
+    "SFM-5-TIL": ["naive", "replay", "lwf", "ewc", "si", "mas", "hypernetwork", "progress_compress", "gem", "agem"],
+    "PFM-5": ["naive", "joint", "replay", "lwf", "lwf:weight=0.25", "ewc", "online_ewc", "si", "mas", "gem", "agem"],
+}
+NOTES = {
+    "SFM-5": "GDumb retrains from scratch at each evaluation point, so its cost is under eval seconds. "
+             "`replay:memory_bytes=...` stores uint8 inputs: the bytes of 500 float32 samples hold 1950.",
+}
 
 
 def fmt(values: list, digits: int = 3) -> str:
@@ -41,44 +69,71 @@ def method_table(spec: str) -> dict:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=[*RECIPES, "replay:memory=2000", COMPRESSED],
-                        help="recipe names, optionally with arguments: replay:memory=2000,selection=herding")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default="docs/results.md")
-    args = parser.parse_args()
+def measure(protocol: str, methods: list[str], seeds: list[int]) -> dict[str, list[dict]]:
     keys = ("final_accuracy", "avg_incremental_accuracy", "forgetting", "train_seconds", "eval_seconds")
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.methods:
-            for seed in args.seeds:
-                cfg = config.parse({"seed": seed, "method": method_table(name), "log": {"tensorboard": False}})
-                res = runner.run(cfg, Path(tmp) / f"{name}-{seed}", console=False)
+        for name in methods:
+            for seed in seeds:
+                cfg = config.parse({**PROTOCOLS[protocol], "seed": seed, "method": method_table(name),
+                                    "log": {"tensorboard": False}})
+                res = runner.run(cfg, Path(tmp) / f"{len(runs)}-{seed}", console=False)
                 runs.setdefault(name, []).append(res)
-                print(name, seed, *(f"{k}={res[k]}" for k in keys), flush=True)
-    seeds = ", ".join(map(str, args.seeds))
-    lines = ["# Results", "", f"Protocol: {PROTOCOL}. Mean ± std over seeds {seeds}.",
-             "Regenerate with `python benchmarks/results.py`.", "",
+                print(protocol, name, seed, *(f"{k}={res[k]}" for k in keys), flush=True)
+    return runs
+
+
+def section(protocol: str, runs: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+    keys = ("final_accuracy", "avg_incremental_accuracy", "forgetting", "train_seconds", "eval_seconds")
+    refs = REFERENCE.get(protocol, {})
+    lines = [f"## {protocol}", "", f"{protocol}: {DESCRIPTION[protocol]}; {MODEL}. Mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}. Regenerate with `python benchmarks/results.py --protocol {protocol}`.", "",
              "| method | final accuracy | reference (Avalanche 0.6.0) | avg incremental accuracy | forgetting | train seconds "
              "| eval seconds |", "|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         cells = [fmt([r[k] for r in rs], 1 if k.endswith("seconds") else 3) for k in keys]
-        ref = f"{REFERENCE[name]:.3f}" if name in REFERENCE else "-"
+        ref = f"{refs[name]:.3f}" if name in refs else "-"
         lines.append(f"| {name} | {cells[0]} | {ref} | " + " | ".join(cells[1:]) + " |")
-    lines += ["", "Seconds are on a 2-core CPU. GDumb retrains from scratch at each evaluation point, so its cost is "
-              "under eval seconds. `replay:memory_bytes=...` stores uint8 inputs: the bytes of 500 float32 samples "
-              "hold 1950.", "", "## Every seed", "", "| method | seed | final | avg incremental | forgetting | old / new accuracy after the last experience |",
+    lines += ["", "Seconds are on a 2-core CPU. " + NOTES.get(protocol, ""), "", f"### {protocol}, every seed", "",
+              "| method | seed | final | avg incremental | forgetting | old / new accuracy after the last experience |",
               "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        for seed, r in zip(args.seeds, rs):
+        for seed, r in zip(seeds, rs):
             old, new = r["old_accuracy"][-1], r["new_accuracy"][-1]
             old_new = "-" if old is None else f"{old:.3f} / {new:.3f}"
             forget = "-" if r["forgetting"] is None else f"{r['forgetting']:.3f}"
             lines.append(f"| {name} | {seed} | {r['final_accuracy']:.3f} | {r['avg_incremental_accuracy']:.3f} | "
                          f"{forget} | {old_new} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    return lines
+
+
+def merge(text: str, protocol: str, lines: list[str]) -> str:
+    """``text`` (a results file) with the section ``## protocol`` replaced by ``lines`` (or appended)."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    head, sections = parts[0], {p.splitlines()[0][3:].strip(): p for p in parts[1:]}
+    sections[protocol] = "\n".join(lines) + "\n\n"
+    order = [p for p in PROTOCOLS if p in sections] + [p for p in sections if p not in PROTOCOLS]
+    return (head.rstrip() + "\n\n" + "".join(sections[p] for p in order)).rstrip() + "\n"
+
+
+HEAD = ["# Results", "", "Final average accuracy, average incremental accuracy and forgetting of every method on the",
+        "protocols of `../shared/PROTOCOLS.md`, measured on this repository's code. Each protocol's section is",
+        "regenerated by `python benchmarks/results.py --protocol NAME`.", ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="SFM-5")
+    parser.add_argument("--methods", nargs="+", help="recipe names, optionally with arguments: "
+                        "replay:memory=2000,selection=herding (default: the protocol's list)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="docs/results.md")
+    args = parser.parse_args()
+    runs = measure(args.protocol, args.methods or DEFAULT_METHODS[args.protocol], args.seeds)
+    out = Path(args.out)
+    text = out.read_text() if out.is_file() else "\n".join(HEAD)
+    out.write_text(merge(text, args.protocol, section(args.protocol, runs, args.seeds)))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ CHOICES = {
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
 SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
+# the config part that selects each protocol of ../shared/PROTOCOLS.md (the defaults are SFM-5)
+PROTOCOLS = {
+    "SFM-5": {},
+    "SFM-5-TIL": {"benchmark": {"scenario": "task"}},
+    "PFM-5": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain"}},
+}
 
 
 def defaults() -> dict[str, Any]:

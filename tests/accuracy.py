@@ -5,14 +5,9 @@ import statistics
 from functools import lru_cache
 
 from streamcl import config, runner
+from streamcl.config import PROTOCOLS  # noqa: F401  (the tests' way to name a protocol)
 
 SEEDS = (0, 1, 2)
-# the config part that selects each protocol (the rest is the default config: the SFM-5 protocol)
-PROTOCOLS = {
-    "SFM-5": {},
-    "SFM-5-TIL": {"benchmark": {"scenario": "task"}},
-    "PFM-5": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain"}},
-}
 
 
 @lru_cache(maxsize=None)
