@@ -257,3 +257,25 @@ def test_checkpoint_inside_an_experience_keeps_the_teacher(tmp_path, monkeypatch
     assert r.plugins[1].teacher is not None and r.global_step == 10
     r.train(bench.train_stream[1])
     assert r.eval(bench.test_stream)["accuracy"] == straight
+
+
+def test_distillation_under_a_task_mask_uses_the_models_own_logits():
+    """Task-incremental: the mask hides the old heads from the adapted logits; the term reads the raw ones."""
+    from streamcl.plugins import TaskMask
+    from streamcl.scenarios import class_incremental
+    from tests.synthetic import blobs
+    torch.manual_seed(0)
+    bench = class_incremental(blobs(n_classes=4), blobs(10, 4, seed=1), 2, task_labels=True)
+    model = MLP(8, [16], 4)
+    terms = []
+
+    class Spy(Plugin):
+        @hookimpl
+        def after_training_iteration(self, strategy):
+            terms.append(strategy.loss_terms.get("lwf"))
+
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[TaskMask(), LwFDistill(), Spy()],
+                 batch_size=16, seed=0)
+    s.train(bench.train_stream)
+    later = [t for t in terms if t is not None]
+    assert later and all(torch.isfinite(t) for t in later) and later[0] == 0 and later[-1] > 0  # 0 at the start
