@@ -1,0 +1,343 @@
+"""Task-conditioned hypernetwork (von Oswald et al. 2020): generated target weights, output regulariser."""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from streamcl import ConfigError, Plugin, hookimpl
+from streamcl.penalty import stability_limit
+
+POWER_ITERATIONS = 20
+
+
+def _uniform(shape, bound: float, generator: torch.Generator) -> Tensor:
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+class HyperNetModel(nn.Module):
+    """A chunked hypernetwork ``f_h(e, Theta_h)`` and the target network it parameterises.
+
+    ``target`` (any module whose parameters are all generated, e.g. an :class:`~streamcl.models.MLP`)
+    is kept without parameters; its ``n_weights`` weights are generated in ``n_chunks`` chunks of
+    ``chunk_size``: chunk ``c`` is ``MLP([e, c_c])`` (ReLU hidden layers ``hidden``, linear output),
+    ``e`` a task embedding and ``c_c`` a learned chunk embedding; the chunks are concatenated, cut
+    to ``n_weights`` and reshaped into the target's parameters (paper Sec. 3, Fig. 1b).
+
+    ``forward(x, task_labels)`` runs the target with the weights generated for each sample's task
+    (grouped by task); a task label with no embedding uses the highest one that has.
+    """
+
+    def __init__(self, target: nn.Module, task_dim: int, chunk_dim: int, chunk_size: int,
+                 hidden: Sequence[int], generator: torch.Generator, hidden_lr: float = 1.0):
+        super().__init__()
+        named = list(target.named_parameters())
+        if not named:
+            raise ConfigError(f"HyperNetwork: {type(target).__name__} has no parameters to generate")
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.n_weights = sum(self.sizes)
+        with torch.no_grad():  # the size of the target's own initial weights, which the generated ones start at
+            rms = math.sqrt(sum(float(p.double().square().sum()) for _, p in named) / self.n_weights)
+        self.target = copy.deepcopy(target)
+        for name in self.names:  # parameter-free (each one None, as a missing bias): functional_call supplies them
+            module, _, leaf = name.rpartition(".")
+            self.target.get_submodule(module)._parameters[leaf] = None
+        self.takes_features = "return_features" in inspect.signature(self.target.forward).parameters
+        self.task_dim, self.chunk_dim, self.chunk_size = task_dim, chunk_dim, chunk_size
+        self.n_chunks = math.ceil(self.n_weights / chunk_size)
+        self.chunk_embeddings = nn.Parameter(torch.randn(self.n_chunks, chunk_dim, generator=generator))
+        self.task_embeddings = nn.ParameterList()
+        widths = [task_dim + chunk_dim, *hidden, chunk_size]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        # hidden layers: nn.Linear's default initialisation of the weights used, gain * stored, so that SGD
+        # on the stored ones moves the used ones at hidden_lr = gain^2 times the learning rate
+        self.gain = math.sqrt(hidden_lr)
+        for fan_in, fan_out in zip(widths[:-2], widths[1:-1]):
+            bound = 1 / math.sqrt(fan_in) / self.gain
+            self.weights.append(nn.Parameter(_uniform((fan_out, fan_in), bound, generator)))
+            self.biases.append(nn.Parameter(_uniform((fan_out,), bound, generator)))
+        # output layer: zero bias and a uniform weight scaled so that, for the prior's mean embedding (0),
+        # the generated weights have the root-mean-square size of the target's own initial weights
+        with torch.no_grad():
+            h = self._hidden(torch.zeros(1, task_dim))
+            bound = math.sqrt(3) * rms / max(float(h.square().sum(-1).mean().sqrt()), 1e-12)
+        self.weights.append(nn.Parameter(_uniform((chunk_size, widths[-2]), bound, generator)))
+        self.biases.append(nn.Parameter(torch.zeros(chunk_size)))
+
+    def extra_repr(self) -> str:
+        return (f"tasks={self.n_tasks}, target weights={self.n_weights} (generated), chunks={self.n_chunks} x "
+                f"{self.chunk_size}, task_dim={self.task_dim}, chunk_dim={self.chunk_dim}")
+
+    # ------------------------------------------------------------------------------ embeddings
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_embeddings)
+
+    def grow(self, n_tasks: int, generator: torch.Generator) -> None:
+        """Task embeddings for tasks ``0 .. n_tasks - 1``, new ones drawn from N(0, 1)."""
+        device = self.chunk_embeddings.device
+        while self.n_tasks < n_tasks:
+            self.task_embeddings.append(nn.Parameter(torch.randn(self.task_dim, generator=generator).to(device)))
+
+    # ------------------------------------------------------------------------------ hypernetwork
+    def _hidden(self, emb: Tensor) -> Tensor:
+        k = emb.shape[0]
+        h = torch.cat([emb[:, None].expand(k, self.n_chunks, self.task_dim),
+                       self.chunk_embeddings[None].expand(k, -1, -1)], -1)
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h = F.relu(F.linear(h, self.gain * w, self.gain * b))
+        return h
+
+    def generate(self, emb: Tensor) -> Tensor:
+        """``f_h(e)`` for each row of ``emb`` (k, task_dim): the flat target weights, (k, n_weights)."""
+        out = F.linear(self._hidden(emb), self.weights[-1], self.biases[-1])
+        return out.reshape(emb.shape[0], -1)[:, : self.n_weights]
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """The target's parameters, by name, from one row of :meth:`generate`."""
+        return {n: w.view(s) for n, w, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def task_weights(self, task: int) -> dict[str, Tensor]:
+        """The target's parameters generated for task ``task``."""
+        return self.unflatten(self.generate(self.task_embeddings[min(task, self.n_tasks - 1)][None])[0])
+
+    # ------------------------------------------------------------------------------ target
+    def _run(self, x: Tensor, weights: dict[str, Tensor], return_features: bool):
+        if self.takes_features:
+            return functional_call(self.target, weights, (x,), {"return_features": return_features})
+        out = functional_call(self.target, weights, (x,))
+        return (out, None) if return_features else out
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None, return_features: bool = False):
+        if self.n_tasks == 0:
+            raise RuntimeError("HyperNetModel has no task embedding yet: the HyperNetwork plugin adds them")
+        last = self.n_tasks - 1
+        if task_labels is None:
+            return self._run(x, self.task_weights(last), return_features)
+        if x.shape[0] == 1:  # no data-dependent branch: safe under torch.func.vmap (per-sample gradients)
+            table = torch.stack(list(self.task_embeddings))
+            emb = table[task_labels.reshape(1).clamp(0, last)]
+            return self._run(x, self.unflatten(self.generate(emb)[0]), return_features)
+        tasks = task_labels.clamp(0, last)
+        present = torch.unique(tasks).tolist()
+        if len(present) == 1:
+            return self._run(x, self.task_weights(present[0]), return_features)
+        logits = features = None
+        for task in present:
+            where = torch.nonzero(tasks == task).squeeze(1)
+            out = self._run(x[where], self.task_weights(task), return_features)
+            z, f = out if return_features else (out, None)
+            if logits is None:
+                logits = z.new_zeros(x.shape[0], *z.shape[1:])
+                features = None if f is None else f.new_zeros(x.shape[0], *f.shape[1:])
+            logits = logits.index_put((where,), z)
+            features = None if f is None else features.index_put((where,), f)
+        return (logits, features) if return_features else logits
+
+
+def regulariser_curvature(model: HyperNetModel, tasks: list[int], limits: dict[int, float],
+                          iterations: int = POWER_ITERATIONS) -> float:
+    """The largest eigenvalue of ``D G``: ``G = 2/(T-1) sum_t J_t^T J_t`` the Gauss-Newton curvature of the
+    regulariser (the exact Hessian where it is 0, at the stored targets), ``J_t`` the Jacobian of
+    ``f_h(e_t)`` in the trainable hypernetwork parameters, ``D`` their ``1 / limit`` (``lr / (1 + momentum)``
+    under SGD, see :func:`streamcl.penalty.stability_limit`; parameters with no limit are left out).
+
+    ``beta`` times it at most 1 keeps heavy-ball SGD on the regulariser within half its stability
+    limit. Power iteration on the symmetric ``D^1/2 G D^1/2`` from a fixed start (no randomness).
+    """
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.requires_grad and id(p) in limits and not n.startswith("task_embeddings.")]
+    if not named or not tasks:
+        return 0.0
+    params = [p for _, p in named]
+    root = [1 / math.sqrt(limits[id(p)]) for p in params]  # D^1/2
+    with torch.enable_grad():
+        emb = torch.stack([model.task_embeddings[t] for t in tasks]).detach()
+        out = model.generate(emb)
+        w = torch.zeros_like(out, requires_grad=True)
+        jt = torch.autograd.grad(out, params, w, create_graph=True)  # J^T w, linear in w
+        v = [r * torch.ones_like(p) for r, p in zip(root, params)]
+        value = 0.0
+        for _ in range(iterations):
+            norm = torch.sqrt(sum(x.square().sum() for x in v))
+            if float(norm) == 0:
+                return 0.0
+            v = [x / norm for x in v]
+            jv = torch.autograd.grad(jt, w, [r * x for r, x in zip(root, v)], retain_graph=True)[0]  # J D^1/2 v
+            g = torch.autograd.grad(out, params, jv, retain_graph=True)
+            mv = [2 / len(tasks) * r * x for r, x in zip(root, g)]
+            value = float(sum((a * b).sum() for a, b in zip(mv, v)))
+            v = mv
+    return value
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"HyperNetwork {name}={value!r}: it must be a whole number >= 1")
+    return value
+
+
+class HyperNetwork(Plugin):
+    """Task-conditioned hypernetwork (von Oswald et al. 2020, "Continual learning with hypernetworks", ICLR).
+
+    At the first experience ``adapt_model`` replaces the model (e.g. the MLP 784-256-256-10, 269,322
+    weights) by a :class:`HyperNetModel`: the same architecture without parameters, whose weights
+    ``Theta = f_h(e, Theta_h)`` a chunked hypernetwork generates from a task embedding ``e`` (Sec. 3,
+    Fig. 1b: chunk embeddings ``c_i``, one MLP ``[e, c_i] -> chunk i``). There is one embedding per task
+    label, added as new labels arrive (N(0, 1)); each sample runs with its task's weights (``batch.t``).
+    Only the current task's embedding learns; earlier ones are frozen (Sec. 2.1). The loss term
+    ``hnet`` (logged ``loss/hnet``) is the output regulariser of eq. 2,
+
+        beta / (T-1) * sum_{t<T} || f_h(e_t, Theta_h) - f_h(e_t, Theta_h*) ||^2,
+
+    with ``f_h(e_t, Theta_h*)`` stored at ``before_training_exp`` (``Theta_h*``: the hypernetwork before
+    the current task) for every task of an earlier experience. Eq. 2's look-ahead ``Delta Theta_h`` is
+    left out: the term is taken at the current ``Theta_h``.
+
+    Task-incremental: the task label is given at training and test time (SFM-5-TIL). A label trained
+    again later (a class-incremental stream has task label 0 throughout) gets a warning: its
+    embedding learns again and nothing keeps its earlier weights, so the plugin is then a plain
+    reparameterised model. A task label never trained is run with the highest-numbered embedding.
+
+    Defaults. From the paper's split-MNIST classifier hypernetwork (its code's defaults): embeddings
+    of 96 (``task_dim``, ``chunk_dim``), hidden layers ``[10, 10]`` (ReLU). Measured otherwise, on
+    SFM-5-TIL with the protocol's SGD (lr 0.01, momentum 0.9, 2 epochs; the paper trains with Adam):
+
+    * ``hidden_lr=0.01``: the hidden layers learn at 0.01 times the learning rate (their weights are
+      used as ``sqrt(hidden_lr)`` times the stored ones, so this holds under any SGD stepping the
+      model, GDumb's retraining included; under Adam the ratio is ``sqrt(hidden_lr)``). Shared by every
+      output of a chunk, they take a curvature of the regulariser some 600 times the output layer's
+      (12,000 against 21 per unit beta, 42,000-output chunks), which caps beta at 0.011-0.016 under
+      SGD (see below) and leaves the output layer nearly unprotected: with ``hidden_lr=1``, 42,000
+      chunks and the paper's ``beta=0.01``, 0.975 (seeds 0-2: 0.986, 0.989, 0.950; task 2 of seed 2
+      falls from 0.96 to 0.77); ``beta=1`` is capped to the same (0.953 on seed 2).
+    * ``beta=1`` (paper: 0.01 with Adam): with ``hidden_lr=0.01``, beta 0.01 gives 0.846 on seed 2
+      (the first task falls to 0.50), beta 1 gives 0.986 and beta 3 (capped to about 1.2) 0.987.
+    * ``chunk_size=8000`` (paper: 42,000 for its 400-400 MLP): 34 chunks, so the hypernetwork has 93,304
+      parameters plus 96 per task, 0.35 times the target's 269,322; 42,000 would make it 464,712
+      (1.7 times) for 0.988 against 0.987 (seeds 0-2, within the seeds' spread; 20,000: 0.988).
+
+    The generated weights start at the root-mean-square size of the target's own initial weights
+    (the output layer is scaled so at initialisation), as the target's initialisation would.
+
+    No divergence: at each ``before_training_exp`` the largest curvature of the regulariser
+    (Gauss-Newton, exact at the stored targets) in the SGD-scaled parameters is estimated by power
+    iteration, and beta is capped so that it stays within half the stability limit ``(1 + momentum) /
+    lr`` (as :class:`streamcl.penalty.Anchors` caps its coefficients), with a warning. It owns the
+    role ``architecture``: a plugin that cuts or rebuilds the model's own layers (latent replay,
+    progress & compress) cannot run on the generated network.
+    """
+
+    owns = frozenset({"architecture"})
+
+    def __init__(self, beta: float = 1.0, task_dim: int = 96, chunk_dim: int = 96, chunk_size: int = 8000,
+                 hidden: Sequence[int] = (10, 10), hidden_lr: float = 0.01):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ConfigError(f"HyperNetwork beta={beta!r}: it must be a finite number >= 0")
+        for name, value in (("task_dim", task_dim), ("chunk_dim", chunk_dim), ("chunk_size", chunk_size)):
+            _positive_int(name, value)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise ConfigError(f"HyperNetwork hidden={hidden!r}: give a list of layer widths (each >= 1), or []")
+        for width in hidden:
+            _positive_int("hidden", width)
+        if (isinstance(hidden_lr, bool) or not isinstance(hidden_lr, (int, float)) or not math.isfinite(hidden_lr)
+                or not 0 < hidden_lr <= 1):
+            raise ConfigError(f"HyperNetwork hidden_lr={hidden_lr!r}: it must be a number in (0, 1], the hidden "
+                              "layers' learning rate as a fraction of the rest's (1 = the same)")
+        self.beta, self.task_dim, self.chunk_dim, self.chunk_size = float(beta), task_dim, chunk_dim, chunk_size
+        self.hidden, self.hidden_lr = tuple(hidden), float(hidden_lr)
+        self.beta_used = self.beta  # beta, capped at half the SGD stability limit of the current experience
+        self.trained: list[int] = []  # task labels of the experiences trained so far
+        self.current: list[int] = []  # the current experience's
+        self.targets: dict[int, Tensor] = {}  # f_h(e_t, Theta_h*) of every earlier task, flat
+        self._stack: Tensor | None = None
+
+    # ------------------------------------------------------------------------------ model
+    @staticmethod
+    def experience_tasks(exp) -> list[int]:
+        if exp.task is not None:
+            return [int(exp.task)]
+        t = getattr(exp.dataset, "t", None)
+        return sorted(set(t.tolist())) if isinstance(t, Tensor) and t.numel() else [0]
+
+    @hookimpl
+    def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
+        if not isinstance(model, HyperNetModel):
+            growing = [n for n, m in model.named_modules() if callable(getattr(m, "grow_to", None))]
+            if growing:
+                raise ConfigError(f"HyperNetwork generates a fixed set of weights, but {type(model).__name__}."
+                                  f"{growing[0] or 'self'} grows with the classes: give a model with a fixed head "
+                                  "(model.growing = false)")
+            model = HyperNetModel(model, self.task_dim, self.chunk_dim, self.chunk_size, self.hidden,
+                                  strategy.generator, self.hidden_lr)
+        tasks = self.experience_tasks(experience)
+        if min(tasks) < 0:
+            raise ConfigError(f"HyperNetwork: task label {min(tasks)} in {experience!r}; task labels must be >= 0")
+        model.grow(max(tasks) + 1, strategy.generator)
+        for t, emb in enumerate(model.task_embeddings):  # only the current task's embedding learns (paper Sec. 2.1)
+            emb.requires_grad_(t in tasks)
+        return model
+
+    # ------------------------------------------------------------------------------ targets
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        model = strategy.model
+        self.current = self.experience_tasks(strategy.experience)
+        again = [t for t in self.current if t in self.trained]
+        if again:
+            warnings.warn(f"HyperNetwork: task label {again[0]} was trained in an earlier experience, so its "
+                          "embedding learns again and nothing keeps its earlier weights (a class-incremental "
+                          "stream has task label 0 throughout: the hypernetwork is then a plain reparameterised "
+                          "model); use a task-incremental stream (scenario = task)", RuntimeWarning, stacklevel=2)
+        earlier = sorted(t for t in self.trained if t not in self.current)
+        with torch.no_grad():  # computed as the regulariser computes them, so it is exactly 0 right now
+            out = model.generate(torch.stack([model.task_embeddings[t] for t in earlier])) if earlier else None
+            self.targets = {t: out[i].clone() for i, t in enumerate(earlier)}
+        self._stack = None
+        self.beta_used = self.beta
+        if self.targets and self.beta > 0:
+            curvature = regulariser_curvature(model, sorted(self.targets), stability_limit(strategy.optimizer))
+            if self.beta * curvature > 1:
+                self.beta_used = 1 / curvature
+                warnings.warn(f"HyperNetwork: beta={self.beta:g} was capped at {self.beta_used:.3g} for experience "
+                              f"{strategy.experience.index}, half the SGD stability limit of the regulariser "
+                              "((1 + momentum) / lr over its largest curvature), so the run cannot diverge; a "
+                              "smaller beta or hidden_lr avoids it", RuntimeWarning, stacklevel=2)
+
+    @hookimpl
+    def after_training_exp(self, strategy) -> None:
+        self.trained += [t for t in self.current if t not in self.trained]
+
+    @hookimpl
+    def loss_terms(self, strategy, batch, output) -> dict[str, Tensor] | None:
+        if not self.targets or self.beta_used == 0:
+            return None
+        return {"hnet": self.beta_used * self.regulariser(strategy.model)}
+
+    def regulariser(self, model: HyperNetModel) -> Tensor:
+        """Eq. 2's sum: ``1/(T-1) sum_{t<T} ||f_h(e_t, Theta_h) - f_h(e_t, Theta_h*)||^2`` over the stored targets."""
+        tasks = sorted(self.targets)
+        if self._stack is None or self._stack.device != model.chunk_embeddings.device:
+            self._stack = torch.stack([self.targets[t] for t in tasks]).to(model.chunk_embeddings.device)
+        emb = torch.stack([model.task_embeddings[t] for t in tasks])
+        return (model.generate(emb) - self._stack).square().sum() / len(tasks)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"trained": list(self.trained), "current": list(self.current), "beta_used": self.beta_used,
+                "targets": {t: v.clone() for t, v in self.targets.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trained, self.current = list(state["trained"]), list(state["current"])
+        self.beta_used = state["beta_used"]
+        self.targets = {t: v.clone() for t, v in state["targets"].items()}
+        self._stack = None
