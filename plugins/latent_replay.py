@@ -52,7 +52,9 @@ class LatentReplay(Plugin):
     (2000), 0.768 (``memory_bytes`` of 500 inputs = 1515 latents); Replay-500 on inputs: 0.784.
     """
 
-    owns = frozenset({"memory"})
+    # "architecture": it cuts and freezes the model's own backbone, which a plugin that replaces the model
+    # (HyperNetwork) takes away
+    owns = frozenset({"memory", "architecture"})
 
     def __init__(self, memory: int | None = 500, layer: int | None = None, batch_size: int | None = None,
                  memory_bytes: int | None = None, lower_lr: float = 0.0):

@@ -36,6 +36,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda weight=1.0, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
+    Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
+           "regulariser keeps earlier tasks' generated weights (task-incremental)",
+           lambda beta=1.0: [build_plugin("hypernetwork", beta=beta)]),
     Recipe("mir", "replay of the stored samples that a virtual SGD step on the minibatch would hurt most",
            lambda memory=500, subsample=None: [build_plugin("mir", memory=memory, subsample=subsample)]),
     Recipe("gdumb", "greedy class-balanced memory; the model retrained from scratch on it before each evaluation",
