@@ -16,8 +16,9 @@ from torch.func import functional_call, grad, vmap
 
 from streamcl import distributed as dist
 from streamcl.batch import Batch
+from streamcl.models.heads import IncrementalLinear
 
-CHUNK = 256
+CHUNK = 512
 
 
 def trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -33,25 +34,35 @@ def sample_gradients(strategy, data, score: Callable[[Tensor, Batch], Tensor], r
     ``adapt_logits``, as in training); ``f`` is the square (``reduce="square"``) or the absolute
     value (``"abs"``). The model is in evaluation mode meanwhile. Under torchrun each rank takes
     its share of ``data`` and the sums are all-reduced.
+
+    A linear layer applied once to the rows of a chunk has per-sample gradients ``g_n a_n^T``
+    (output gradient times input), so their sum of ``f`` is ``f(G)^T f(A)``: one batched backward
+    instead of one per sample. Layers where that does not hold (checked on the first samples
+    against ``torch.func``'s per-sample gradients) and other parameters take ``torch.func``'s way.
     """
     if reduce not in ("square", "abs"):
         raise ValueError(f"reduce={reduce!r}: use 'square' or 'abs'")
+    f = torch.square if reduce == "square" else torch.abs
     model, was_training = strategy.model, strategy.model.training
-    params, buffers = trainable(model), dict(model.named_buffers())
-
-    def one(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
-        batch = Batch(x[None], y[None], t[None])
-        net = lambda *args, **kwargs: functional_call(model, (p, buffers), args, kwargs)  # noqa: E731
-        return score(strategy.forward(batch, net=net).logits, batch)
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    names = list(trainable(model))
+    total = {n: torch.zeros_like(p) for n, p in trainable(model).items()}
     count = torch.zeros((), device=strategy.device)
+    fast: set[str] | None = None  # layers whose per-sample gradients are outer products
     model.eval()
     try:
         for batch in strategy.batches(data, chunk):
-            for n, g in per_sample(params, batch.x, batch.y, batch.t).items():
-                total[n] += (g.square() if reduce == "square" else g.abs()).sum(0)
+            layers = _linear_io(strategy, batch, score)
+            if fast is None:
+                fast = _outer_products_hold(strategy, batch, score, layers)
+            for name in fast:
+                a, g = layers[name]
+                total[_join(name, "weight")] += f(g).T @ f(a)
+                if _join(name, "bias") in total:
+                    total[_join(name, "bias")] += f(g).sum(0)
+            slow = [n for n in names if n.rpartition(".")[0] not in fast]
+            if slow:
+                for n, g in _per_sample(strategy, batch, score, slow).items():
+                    total[n] += f(g).sum(0)
             count += len(batch)
     finally:
         model.train(was_training)
@@ -59,6 +70,74 @@ def sample_gradients(strategy, data, score: Callable[[Tensor, Batch], Tensor], r
         for t in (*total.values(), count):
             dist.all_reduce(t)
     return {n: t / count.clamp(min=1) for n, t in total.items()}
+
+
+def _join(module: str, param: str) -> str:
+    return f"{module}.{param}" if module else param
+
+
+def _per_sample(strategy, batch: Batch, score, names: list[str]) -> dict[str, Tensor]:
+    """Per-sample gradients of ``score`` for the parameters ``names``, by ``torch.func``."""
+    model = strategy.model
+    params, buffers = trainable(model), dict(model.named_buffers())
+    wanted = {n: params.pop(n) for n in names}
+
+    def one(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        sample = Batch(x[None], y[None], t[None])
+        net = lambda *args, **kwargs: functional_call(model, ({**params, **p}, buffers), args, kwargs)  # noqa: E731
+        return score(strategy.forward(sample, net=net).logits, sample)
+
+    return vmap(grad(one), in_dims=(None, 0, 0, 0))(wanted, batch.x, batch.y, batch.t)
+
+
+def _linear_io(strategy, batch: Batch, score) -> dict[str, tuple[Tensor, Tensor]]:
+    """For each linear layer called once on the chunk's rows: its inputs and its output gradients."""
+    model, io, calls, handles = strategy.model, {}, {}, []
+
+    def hook(name):
+        def forward_hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            a = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda g: io.__setitem__(name, (a, g.detach())))
+        return forward_hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, IncrementalLinear)) and m.weight.requires_grad and \
+                (m.bias is None or m.bias.requires_grad):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.enable_grad():
+            logits = strategy.forward(batch, net=model).logits
+            each = vmap(lambda z, x, y, t: score(z[None], Batch(x[None], y[None], t[None])))(
+                logits, batch.x, batch.y, batch.t)
+            params = list(trainable_params(model))
+            torch.autograd.grad(each.sum(), params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(batch)
+    return {k: (a, g) for k, (a, g) in io.items()
+            if calls[k] == 1 and a.dim() == 2 and a.shape[0] == n and g.shape[0] == n}
+
+
+def _outer_products_hold(strategy, batch: Batch, score, layers: dict) -> set[str]:
+    """The layers whose weight gradient for each of the first samples is ``g_n a_n^T``."""
+    if not layers:
+        return set()
+    first = batch.select(slice(0, 2))
+    exact = _per_sample(strategy, first, score, [_join(k, "weight") for k in layers])
+    good = set()
+    for k, (a, g) in layers.items():
+        outer = g[: len(first), :, None] * a[: len(first), None, :]
+        e = exact[_join(k, "weight")]
+        if torch.allclose(outer, e, rtol=1e-4, atol=1e-6 * (1 + float(e.abs().max()))):
+            good.add(k)
+    return good
+
+
+def trainable_params(model: nn.Module):
+    return (p for p in model.parameters() if p.requires_grad)
 
 
 def stability_limit(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:

@@ -84,3 +84,56 @@ def test_a_grown_parameter_is_compared_on_its_leading_rows_and_state_round_trips
     copy = Anchors("test")
     copy.load_state_dict(anchors.state_dict())
     assert copy.penalty(model).item() == 4.0
+
+
+class MixesSamples(nn.Module):
+    """A linear layer fed the batch mean as well: its per-sample gradients are not outer products."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return self.head(h + h.mean(0, keepdim=True))
+
+
+def slow_means(s, data, score, reduce):
+    from streamcl.penalty import _per_sample, trainable
+    total, n = {}, 0
+    for batch in s.batches(data, 4):
+        for name, g in _per_sample(s, batch, score, list(trainable(s.model))).items():
+            total[name] = total.get(name, 0) + (g.square() if reduce == "square" else g.abs()).sum(0)
+        n += len(batch)
+    return {k: v / n for k, v in total.items()}
+
+
+@pytest.mark.parametrize("reduce", ["square", "abs"])
+def test_batched_outer_products_equal_per_sample_gradients_under_a_task_mask(reduce):
+    from streamcl.models import MLP
+    from streamcl.plugins import TaskMask
+    from streamcl.scenarios import class_incremental
+    from tests.synthetic import blobs
+    torch.manual_seed(0)
+    bench = class_incremental(blobs(n_classes=4), blobs(10, 4, seed=1), 2, task_labels=True)
+    model = MLP(8, [16, 16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[TaskMask()], batch_size=16)
+    s.train(bench.train_stream[0])
+    data, score = bench.train_stream[1].dataset, lambda z, b: F.cross_entropy(z, b.y)
+    fast = sample_gradients(s, data, score, reduce, chunk=7)
+    slow = slow_means(s, data, score, reduce)
+    assert set(fast) == set(slow)
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-8), name
+
+
+def test_a_layer_that_mixes_samples_takes_the_per_sample_way():
+    torch.manual_seed(0)
+    model = MixesSamples()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 1, 0, 1, 0])
+    score = lambda z, b: F.cross_entropy(z, b.y)  # noqa: E731
+    fast = sample_gradients(s, TensorData(x, y), score, chunk=3)
+    slow = slow_means(s, TensorData(x, y), score, "square")
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], rtol=1e-5, atol=1e-8), name
