@@ -36,6 +36,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda weight=1.0, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
+    Recipe("gem", "gradient episodic memory: the gradient projected (dual QP) so that no past experience's memory loss rises",
+           lambda per_experience=100, margin=0.05: [build_plugin("gem", per_experience=per_experience, margin=margin)]),
+    Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",
+           lambda per_experience=250, sample_size=256: [build_plugin("agem", per_experience=per_experience,
+                                                                     sample_size=sample_size)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (task-incremental)",
            lambda beta=1.0: [build_plugin("hypernetwork", beta=beta)]),
