@@ -36,6 +36,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda weight=1.0, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
+    Recipe("si", "synaptic intelligence: per-parameter path integral of gradient x update; quadratic pull to the last "
+           "experience's weights", lambda c=2.0, xi=1e-3: [build_plugin("si", c=c, xi=xi)]),
+    Recipe("mas", "memory aware synapses: importance from the gradient of the output's squared L2 norm (no labels); "
+           "quadratic pull", lambda lambda_=0.03: [build_plugin("mas", lambda_=lambda_)]),
     Recipe("gem", "gradient episodic memory: the gradient projected (dual QP) so that no past experience's memory loss rises",
            lambda per_experience=100, margin=0.05: [build_plugin("gem", per_experience=per_experience, margin=margin)]),
     Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",

@@ -103,8 +103,9 @@ def _linear_io(strategy, batch: Batch, score) -> dict[str, tuple[Tensor, Tensor]
         return forward_hook
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, IncrementalLinear)) and m.weight.requires_grad and \
-                (m.bias is None or m.bias.requires_grad):
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        if isinstance(m, (nn.Linear, IncrementalLinear)) and isinstance(weight, nn.Parameter) and \
+                weight.requires_grad and (bias is None or isinstance(bias, nn.Parameter) and bias.requires_grad):
             handles.append(m.register_forward_hook(hook(name)))
     try:
         with torch.enable_grad():
@@ -170,7 +171,6 @@ class Anchors:
     def __bool__(self) -> bool:
         return bool(self.points)
 
-    @torch.no_grad()
     def add(self, coefficients: dict[str, Tensor], anchors: dict[str, Tensor], *, decay: float | None = None,
             model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Add a point (``decay`` given: fold the points into one, ``decay * old + new``, at ``anchors``).
