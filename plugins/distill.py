@@ -134,13 +134,14 @@ class Distill(Plugin):
 
 class LwFDistill(Distill):
     """Learning without Forgetting's distillation (Li & Hoiem 2017, eq. 2-3): :class:`Distill` with
-    ``kind="kl"``, ``T = 2`` and ``weight = 1`` (the paper's ``lambda_o``), its term logged as
-    ``loss/lwf``. As in the paper, the term is on the current experience's samples (``X_n``, all LwF
-    has); beside a replay memory, ``replayed=True`` also distils the replayed samples.
+    ``kind="kl"`` and ``T = 2``, its term logged as ``loss/lwf``. ``weight = 0.25`` is the paper's
+    ``lambda_o = 1``: its term has no ``T^2`` factor and ours has, so ``weight = lambda_o / T^2``. As in
+    the paper, the term is on the current experience's samples (``X_n``, all LwF has); beside a replay
+    memory, ``replayed=True`` also distils the replayed samples.
     """
 
     term = "lwf"
 
-    def __init__(self, kind: str = "kl", weight: float = 1.0, temperature: float | None = 2.0,
+    def __init__(self, kind: str = "kl", weight: float = 0.25, temperature: float | None = 2.0,
                  replayed: bool = False):
         super().__init__(kind, weight, temperature, replayed)

@@ -33,9 +33,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500: [build_plugin("replay", memory=memory, selection="herding"),
                                build_plugin("distill", kind="bce"), build_plugin("nme")]),
     Recipe("lwf", "learning without forgetting: distillation of the old classes' logits from the model before the experience",
-           lambda weight=1.0, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
+           lambda weight=0.25, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
-           lambda memory=500: [build_plugin("replay", memory=memory), build_plugin("lwf")]),
+           lambda memory=500, weight=1.0: [build_plugin("replay", memory=memory), build_plugin("lwf", weight=weight)]),
     Recipe("si", "synaptic intelligence: per-parameter path integral of gradient x update; quadratic pull to the last "
            "experience's weights", lambda c=2.0, xi=1e-3: [build_plugin("si", c=c, xi=xi)]),
     Recipe("mas", "memory aware synapses: importance from the gradient of the output's squared L2 norm (no labels); "

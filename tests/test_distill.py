@@ -53,7 +53,7 @@ def test_kl_term_by_hand_on_old_classes_only():
     b = 1 - a
     kl = b * math.log(b / a) + a * math.log(a / b)  # KL(q || p)
     assert set(terms) == {"lwf"}
-    assert terms["lwf"].item() == pytest.approx(4 * kl, rel=1e-6)  # times T^2 = 4
+    assert terms["lwf"].item() == pytest.approx(0.25 * 4 * kl, rel=1e-6)  # weight 1 / T^2 times T^2: the paper's term
     assert kl == pytest.approx(math.tanh(0.25) * 0.5, rel=1e-9)  # (a - b) * log(a / b)
     terms["lwf"].backward()
     assert z.grad[0, 2] == 0  # no gradient to the new class
@@ -109,7 +109,7 @@ def test_no_teacher_no_term_and_defaults():
     assert Distill().loss_terms(strategy=None, batch=None, output=None) is None
     assert (Distill().kind, Distill().temperature, Distill().weight) == ("kl", 2.0, 1.0)
     assert (Distill(kind="bce").temperature, LwFDistill().kind, LwFDistill().temperature) == (1.0, "kl", 2.0)
-    assert Distill().replayed and not LwFDistill().replayed and LwFDistill().weight == 1.0
+    assert Distill().replayed and not LwFDistill().replayed and LwFDistill().weight == 0.25
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="l2"), dict(weight=-1.0), dict(weight=float("nan")),
