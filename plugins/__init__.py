@@ -1,14 +1,21 @@
 """First-party plugins, one technique per module, built only on streamcl's public API."""
+from streamcl.plugins.agem import AGEM
 from streamcl.plugins.cumulative import Cumulative
 from streamcl.plugins.dark_replay import DarkReplay
 from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.er_ace import ERACE
+from streamcl.plugins.ewc import EWC
 from streamcl.plugins.gdumb import GDumb
+from streamcl.plugins.gem import GEM
+from streamcl.plugins.hypernetwork import HyperNetwork
 from streamcl.plugins.latent_replay import LatentReplay
+from streamcl.plugins.mas import MAS
 from streamcl.plugins.mir import MIR
 from streamcl.plugins.nme import NMEClassifier
+from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
+from streamcl.plugins.si import SI
 from streamcl.plugins.task_mask import TaskMask
 
-__all__ = ["Cumulative", "DarkReplay", "Distill", "ERACE", "GDumb", "LatentReplay", "LwFDistill", "MIR", "NMEClassifier",
-           "Replay", "TaskMask"]
+__all__ = ["AGEM", "Cumulative", "DarkReplay", "Distill", "ERACE", "EWC", "GDumb", "GEM", "HyperNetwork", "LatentReplay",
+           "LwFDistill", "MAS", "MIR", "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask"]

