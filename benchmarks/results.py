@@ -101,6 +101,10 @@ def section(protocol: str, runs: dict[str, list[dict]], seeds: list[int]) -> lis
         for seed, r in zip(seeds, rs):
             old, new = r["old_accuracy"][-1], r["new_accuracy"][-1]
             old_new = "-" if old is None else f"{old:.3f} / {new:.3f}"
+            if "uncorrected" in r and r["uncorrected"]["old_accuracy"][-1] is not None:
+                u = r["uncorrected"]
+                old_new += f" (before correction: {u['old_accuracy'][-1]:.3f} / {u['new_accuracy'][-1]:.3f}, " \
+                           f"final {u['final_accuracy'][-1]:.3f})"
             forget = "-" if r["forgetting"] is None else f"{r['forgetting']:.3f}"
             lines.append(f"| {name} | {seed} | {r['final_accuracy']:.3f} | {r['avg_incremental_accuracy']:.3f} | "
                          f"{forget} | {old_new} |")

@@ -62,7 +62,8 @@ class Metrics:
 
     Test experience j counts as seen once the train experience j was trained (``covers``);
     ``new`` accuracy pools the test experiences of the latest train experience, ``old`` those of
-    earlier ones (for a class-incremental stream: new classes vs old classes).
+    earlier ones (for a class-incremental stream: new classes vs old classes). ``uncorrected`` keeps
+    the same numbers measured with bias-correction plugins switched off (``summary()["uncorrected"]``).
     """
 
     name = "metrics"
@@ -71,6 +72,7 @@ class Metrics:
     old_acc: list[float | None] = field(default_factory=list)
     new_acc: list[float | None] = field(default_factory=list)
     rows_of: list[int] = field(default_factory=list)
+    uncorrected: dict[int, dict] = field(default_factory=dict)  # experiences trained -> the same, before correction
 
     @hookimpl
     def after_eval(self, strategy) -> None:
@@ -91,6 +93,12 @@ class Metrics:
                 lst.append(value)
             self.rows_of.append(len(trained))
 
+    def note_uncorrected(self) -> None:
+        """Keep the latest evaluation as the one before correction (see ``streamcl.runner.evaluate``)."""
+        if self.matrix:
+            self.uncorrected[self.rows_of[-1]] = {"final_accuracy": final_accuracy([self.matrix[-1]]),
+                                                  "old_accuracy": self.old_acc[-1], "new_accuracy": self.new_acc[-1]}
+
     def _lists(self):
         return self.matrix, self.seen_acc, self.old_acc, self.new_acc
 
@@ -108,10 +116,14 @@ class Metrics:
             "seen_accuracy": list(self.seen_acc),
             "old_accuracy": list(self.old_acc),
             "new_accuracy": list(self.new_acc),
+            **({"uncorrected": {k: [self.uncorrected.get(n, {}).get(k) for n in self.rows_of]
+                                for k in ("final_accuracy", "old_accuracy", "new_accuracy")}}
+               if self.uncorrected else {}),
         }
 
     def state_dict(self) -> dict:
-        return {k: [list(x) if isinstance(x, list) else x for x in v] for k, v in vars(self).items()}
+        return {k: dict(v) if isinstance(v, dict) else [list(x) if isinstance(x, list) else x for x in v]
+                for k, v in vars(self).items()}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():

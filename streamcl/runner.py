@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,19 @@ def build_plugins(cfg: dict) -> tuple[list, bool]:
     return [build_plugin(p["name"], **{k: v for k, v in p.items() if k != "name"}) for p in cfg["plugins"]], False
 
 
+def evaluate(strategy: Strategy, stream) -> dict:
+    """``strategy.eval(stream)``; with plugins that correct the model's bias (those with an ``uncorrected()``
+    context, e.g. WA, BiC), first once inside all those contexts, kept as the numbers before correction."""
+    corrections = [p for p in strategy.plugins if callable(getattr(p, "uncorrected", None))]
+    if corrections:
+        with ExitStack() as stack:
+            for plugin in corrections:
+                stack.enter_context(plugin.uncorrected())
+            strategy.eval(stream)
+        strategy.metrics.note_uncorrected()
+    return strategy.eval(stream)
+
+
 def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None, resume: bool = False,
         benchmark: Benchmark | None = None) -> dict:
     """Train and evaluate as ``cfg`` says; write results.json, TensorBoard and checkpoints under ``out``.
@@ -118,9 +132,9 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
     done = len(strategy.trained)
     if done and len(strategy.metrics.matrix) < done:  # stopped between training and evaluation
-        strategy.eval(bench.test_stream)
+        evaluate(strategy, bench.test_stream)
     for experience in train_stream[done:]:
         strategy.train(experience)
-        strategy.eval(bench.test_stream)
+        evaluate(strategy, bench.test_stream)
     strategy.close()
     return results(strategy, cfg)

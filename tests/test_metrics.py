@@ -63,3 +63,53 @@ def test_joined_experience_covers_all_of_the_stream():
     m = Metrics()
     m.after_eval(FakeStrategy([e], [counts(0, {0: 5}, {0: 10}), counts(1, {2: 10}, {2: 10})]))
     assert m.summary()["seen_accuracy"] == [0.75]
+
+
+def test_a_correction_plugin_is_also_measured_switched_off():
+    """runner.evaluate: plugins with an ``uncorrected()`` context get a second evaluation without their correction."""
+    import contextlib
+
+    import torch
+
+    from streamcl import Plugin, Strategy, hookimpl
+    from streamcl.models import MLP
+    from streamcl.runner import evaluate
+    from tests.synthetic import tiny_benchmark
+
+    class Newest(Plugin):
+        """Predicts the newest experience's first class for every sample unless switched off."""
+
+        on = True
+
+        @hookimpl
+        def adapt_logits(self, strategy, logits):
+            if not self.on or strategy.is_training:
+                return logits
+            out = torch.zeros_like(logits)
+            out[:, strategy.trained[-1].classes[0]] = 1.0
+            return out
+
+        @contextlib.contextmanager
+        def uncorrected(self):
+            self.on = False
+            try:
+                yield
+            finally:
+                self.on = True
+
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model = MLP(8, [16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[Newest()], batch_size=16, seed=0)
+    for exp in bench.train_stream:
+        s.train(exp)
+        evaluate(s, bench.test_stream)
+    summary = s.metrics.summary()
+    assert summary["old_accuracy"][-1] == 0.0 and summary["new_accuracy"][-1] == 0.5  # one of two new classes
+    assert len(summary["accuracy_matrix"]) == 2  # the corrected evaluation replaced the uncorrected one
+    plugin = s.plugins[0]
+    with plugin.uncorrected():
+        plain = s.eval(bench.test_stream)["accuracy"]  # equal-sized test experiences: old = exp 0, new = exp 1
+    before = summary["uncorrected"]
+    assert before["old_accuracy"] == [None, plain[0]] and before["new_accuracy"][-1] == plain[1]
+    assert before["final_accuracy"][-1] == sum(plain) / 2 != summary["final_accuracy"]
