@@ -111,6 +111,26 @@ def section(protocol: str, runs: dict[str, list[dict]], seeds: list[int]) -> lis
     return lines
 
 
+def add_rows(old: str, new: list[str]) -> list[str]:
+    """The section ``old`` with the method rows of the section ``new`` put in (replacing rows of the same methods)."""
+    def rows(lines):
+        return [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| method ", "|---"))]
+
+    new_rows = rows(new)
+    names = {ln.split(" | ")[0] for ln in new_rows}
+    out = []
+    lines = old.rstrip("\n").splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith("| ") and ln.split(" | ")[0] in names:
+            continue
+        out.append(ln)
+        end_of_table = ln.startswith("|") and (i + 1 == len(lines) or not lines[i + 1].startswith("|"))
+        if end_of_table:
+            width = ln.count(" | ")
+            out += [r for r in new_rows if r.count(" | ") == width]
+    return out
+
+
 def merge(text: str, protocol: str, lines: list[str]) -> str:
     """``text`` (a results file) with the section ``## protocol`` replaced by ``lines`` (or appended)."""
     parts = re.split(r"(?m)^(?=## )", text)
@@ -132,11 +152,18 @@ def main() -> None:
                         "replay:memory=2000,selection=herding (default: the protocol's list)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--add", action="store_true", help="put these methods' rows into the protocol's section "
+                        "(replacing theirs) instead of rewriting the section")
     args = parser.parse_args()
     runs = measure(args.protocol, args.methods or DEFAULT_METHODS[args.protocol], args.seeds)
     out = Path(args.out)
     text = out.read_text() if out.is_file() else "\n".join(HEAD)
-    out.write_text(merge(text, args.protocol, section(args.protocol, runs, args.seeds)))
+    lines = section(args.protocol, runs, args.seeds)
+    if args.add and f"## {args.protocol}\n" in text:
+        current = re.split(r"(?m)^(?=## )", text)
+        old = next(p for p in current if p.startswith(f"## {args.protocol}\n"))
+        lines = add_rows(old, lines)
+    out.write_text(merge(text, args.protocol, lines))
     print(f"wrote {out}")
 
 
