@@ -21,6 +21,8 @@ def _weight(name: str, value, positive: bool) -> float:
 
 def accumulate(total: Tensor | None, new: Tensor) -> Tensor:
     """``total + new``; a ``total`` of fewer leading rows (a head that grew since) counts as 0 on the new rows."""
+    if total is not None and total.dim() == 0 == new.dim():
+        return total + new
     if total is None or total.dim() != new.dim() or total.shape[1:] != new.shape[1:] or len(total) > len(new):
         return new.clone()
     out = new.clone()

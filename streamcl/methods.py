@@ -55,6 +55,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",
            lambda per_experience=250, sample_size=256: [build_plugin("agem", per_experience=per_experience,
                                                                      sample_size=sample_size)]),
+    Recipe("lucir", "LUCIR: cosine-normalised classifier with imprinted new-class weights, less-forget feature "
+           "distillation and margin ranking on replayed samples, beside a class-balanced replay memory",
+           lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [
+               build_plugin("replay", memory=memory), build_plugin("cosine_head"),
+               build_plugin("less_forget", lambda_base=lambda_base), build_plugin("margin_ranking", margin=margin, k=k)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (task-incremental)",
            lambda beta=1.0: [build_plugin("hypernetwork", beta=beta)]),
