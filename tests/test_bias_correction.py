@@ -1,0 +1,206 @@
+"""BiC: the correction layer and its fit against hand computations, the held-out split, uncorrected(), state."""
+import math
+
+import pytest
+import torch
+
+from streamcl import ConfigError, PluginError, Strategy, hookimpl
+from streamcl.models import MLP
+from streamcl.plugins.bias_correction import BiasCorrection, correct, fit_pair, is_held, row_keys
+from streamcl.plugins.distill import LwFDistill
+from streamcl.plugins.replay import Replay
+from tests.synthetic import tiny_benchmark
+
+PAIRS = [{"experience": 1, "classes": [2, 3], "alpha": 0.5, "beta": 0.25},
+         {"experience": 2, "classes": [4, 5], "alpha": 2.0, "beta": -1.0}]
+
+
+def with_pairs(pairs=PAIRS):
+    plugin = BiasCorrection()
+    plugin.load_state_dict({"pairs": pairs, "held": None, "held_classes": None})
+    return plugin
+
+
+# ----------------------------------------------------------------------------- the layer
+def test_bics_layer_leaves_old_logits_untouched():
+    z = torch.tensor([[1.0, -2.0, 3.0, 4.0, 0.5, -1.5, 7.0],
+                      [0.0, 5.0, -4.0, 2.0, 1.0, 3.0, -7.0]])
+    out = with_pairs().adapt_logits(logits=z)
+    assert torch.equal(out[:, [0, 1, 6]], z[:, [0, 1, 6]])  # classes of experience 0, and a class not seen yet
+    # eq. 5, each experience's own pair on its own classes
+    assert out[:, 2:4].tolist() == [[1.75, 2.25], [-1.75, 1.25]]  # 0.5 z + 0.25
+    assert out[:, 4:6].tolist() == [[0.0, -4.0], [1.0, 5.0]]  # 2 z - 1
+    assert torch.equal(correct(z, PAIRS), out)
+    assert with_pairs([]).adapt_logits(logits=z) is None  # nothing fitted yet: the logits pass through
+    narrow = with_pairs().adapt_logits(logits=z[:, :3])  # a head that has not grown to class 3 yet
+    assert narrow.tolist() == [[1.0, -2.0, 1.75], [0.0, 5.0, -1.75]]
+
+
+def test_the_layer_is_differentiable_through_the_logits():
+    z = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], requires_grad=True)
+    with_pairs().adapt_logits(logits=z).sum().backward()
+    assert z.grad.tolist() == [[1.0, 1.0, 0.5, 0.5, 2.0, 2.0]]
+
+
+def test_uncorrected_passes_the_logits_through():
+    plugin, z = with_pairs(), torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    with plugin.uncorrected():
+        assert plugin.adapt_logits(logits=z) is None
+    assert plugin.adapt_logits(logits=z).tolist() == [[1.0, 2.0, 1.75, 2.25, 9.0, 11.0]]
+
+
+# ----------------------------------------------------------------------------- the fit (eq. 6)
+def test_the_fit_by_hand():
+    # old class 0 with logit 0, new class 1 with logit s: p(new) = sigmoid(alpha s + beta), two values of s and
+    # two parameters, so the optimum reproduces each group's frequency of the new class exactly:
+    # s = +1: 3 of 4 new -> alpha + beta = log 3; s = -1: 1 of 2 new -> -alpha + beta = 0
+    z = torch.tensor([[0.0, 1.0]] * 4 + [[0.0, -1.0]] * 2)
+    y = torch.tensor([1, 1, 1, 0, 1, 0])
+    alpha, beta = fit_pair(z, y, old=[0], new=[1])
+    assert alpha == pytest.approx(math.log(3) / 2, abs=1e-9) and beta == pytest.approx(math.log(3) / 2, abs=1e-9)
+
+
+def test_the_fit_only_moves_the_new_classes_and_lowers_the_loss():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(60, 5, generator=g)
+    z[:, 3:] += 2.0  # the new classes 3, 4 are favoured
+    y = torch.arange(5).repeat(12)  # balanced
+    z[torch.arange(60), y] += 1.5
+    alpha, beta = fit_pair(z, y, old=[0, 1, 2], new=[3, 4])
+    pairs = [{"experience": 1, "classes": [3, 4], "alpha": alpha, "beta": beta}]
+    fitted = correct(z, pairs)
+    ce = torch.nn.functional.cross_entropy
+    assert ce(fitted, y) < ce(z, y)
+    # at the optimum the gradient of eq. 6 in (alpha, beta) is zero
+    theta = torch.tensor([alpha, beta], dtype=torch.float64, requires_grad=True)
+    q = torch.cat([z.double()[:, :3], theta[0] * z.double()[:, 3:] + theta[1]], 1)
+    ce(q, y).backward()
+    assert theta.grad.abs().max() < 1e-8
+    assert beta < 0  # the favoured new classes are pushed down
+    # a column not seen yet takes no part in the fit (its logit is never a target's competitor)
+    wide = torch.cat([z, torch.full((60, 1), 50.0)], 1)
+    assert fit_pair(wide, y, old=[0, 1, 2], new=[3, 4]) == pytest.approx((alpha, beta), abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- the held-out set
+def test_rows_are_matched_bit_for_bit():
+    held = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x = torch.tensor([[3.0, 4.0], [1.0, 2.5], [1.0, 2.0], [0.0, 0.0], [3.0, 4.0]])
+    assert is_held(x, held, row_keys(held)).tolist() == [True, False, True, False, True]
+    assert torch.equal(row_keys(x[[0]]), row_keys(x)[[0]])  # a row's key does not depend on its batch
+    # two rows that differ only where the key does not look share a key, and are still told apart
+    a = torch.zeros(2, 784)
+    a[1, 1] = 1.0
+    assert row_keys(a)[0] == row_keys(a)[1]
+    assert is_held(a, a[:1], row_keys(a[:1])).tolist() == [True, False]
+    zero = torch.tensor([[0.0, 1.0]])
+    assert is_held(-zero, -zero, row_keys(-zero)).tolist() == [True]
+    assert is_held(torch.tensor([[-0.0, 1.0]]), zero, row_keys(zero)).tolist() == [False]  # bits: only copies match
+    h = torch.arange(12, dtype=torch.uint8).reshape(4, 3)  # rows of 3 bytes: compared byte by byte
+    assert is_held(h[[2, 0]], h[[0, 1]], row_keys(h[[0, 1]])).tolist() == [False, True]
+
+
+def build(plugins, n_classes=6, n_exp=3, epochs=2):
+    torch.manual_seed(0)
+    bench = tiny_benchmark(n_classes, n_exp)
+    model = MLP(8, [16], n_classes)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=plugins, epochs=epochs,
+                 batch_size=16, seed=0)
+    return s, bench
+
+
+class Spy:
+    """Records the held-out set of each experience and every row the model trained on."""
+
+    def __init__(self, bic):
+        self.bic, self.held, self.trained = bic, {}, {}
+
+    @hookimpl
+    def before_training_exp(self, strategy):
+        i = strategy.experience.index
+        self.held[i] = None if self.bic.held is None else (self.bic.held, self.bic.held_classes)
+        self.trained[i] = []
+
+    @hookimpl
+    def after_forward(self, strategy):
+        self.trained[strategy.experience.index].append(strategy.batch.x.clone())
+
+
+def test_the_held_out_set_is_class_balanced_and_kept_out_of_training():
+    replay, bic = Replay(memory=24), BiasCorrection(ratio=0.25)
+    spy = Spy(bic)
+    s, bench = build([replay, LwFDistill(), bic, spy])
+    memories = []
+    for e in bench.train_stream:
+        memories.append(None if replay.memory is None else replay.memory.batch().select(slice(None)).cat())
+        s.train(e)
+    assert spy.held[0] is None  # no old classes yet: nothing held out, no pair
+    for i, (old, new, k) in ((1, ([0, 1], [2, 3], 3)), (2, ([0, 1, 2, 3], [4, 5], 2))):
+        held, classes = spy.held[i]
+        assert classes == (old, new)
+        # k = round(ratio * exemplars of the fewest old class): 24 / 2 = 12 -> 3, then 24 / 4 = 6 -> 1.5, rounded to 2
+        assert torch.bincount(held.y, minlength=6).tolist() == [k if c in old + new else 0 for c in range(6)]
+        exemplars, data = memories[i], bench.train_stream[i].dataset
+        keys_mem, keys_new = row_keys(exemplars.x), row_keys(data.x)
+        is_old = torch.isin(held.y, torch.tensor(old))
+        old_rows, new_rows = held.x[is_old], held.x[~is_old]
+        assert is_held(old_rows, exemplars.x, keys_mem).all() and is_held(new_rows, data.x, keys_new).all()
+        trained = torch.cat(spy.trained[i])
+        assert not is_held(trained, held.x, row_keys(held.x)).any()  # neither the experience's rows nor replayed ones
+        assert is_held(trained, exemplars.x, keys_mem).any()  # replay did join (the other exemplars)
+        # every other sample of the experience was trained on
+        rest = data.x[~is_held(data.x, held.x, row_keys(held.x))]
+        assert len(rest) == len(data.x) - len(new) * k
+        assert is_held(rest, trained, row_keys(trained)).all()
+    assert [(p["experience"], p["classes"]) for p in bic.pairs] == [(1, [2, 3]), (2, [4, 5])]
+    assert bic.held is None  # the held-out set lives only while its experience trains
+
+
+def test_a_real_run_fits_a_pair_per_experience_after_the_first_and_uncorrected_passes_through():
+    logits = []
+
+    class Eval:
+        @hookimpl
+        def after_eval_forward(self, strategy):
+            logits.append((strategy.output.raw.clone(), strategy.output.logits.clone()))
+
+    bic = BiasCorrection()
+    s, bench = build([Replay(memory=30), LwFDistill(), bic, Eval()])
+    for e in bench.train_stream:
+        s.train(e)
+    assert [p["experience"] for p in bic.pairs] == [1, 2]
+    assert all(math.isfinite(p["alpha"]) and math.isfinite(p["beta"]) for p in bic.pairs)
+    s.eval(bench.test_stream)
+    n = len(logits)
+    with bic.uncorrected():
+        s.eval(bench.test_stream)
+    for raw, out in logits[:n]:
+        assert torch.equal(out, correct(raw, bic.pairs))
+    for raw, out in logits[n:]:
+        assert torch.equal(out, raw)
+
+
+# ----------------------------------------------------------------------------- refusals and state
+def test_refusals():
+    for ratio in (0, 1, -0.1, True, "0.1", float("nan")):
+        with pytest.raises(ConfigError, match="ratio"):
+            BiasCorrection(ratio=ratio)
+    with pytest.raises(PluginError, match="needs a plugin that owns the role 'memory'"):
+        build([BiasCorrection()])
+
+
+def test_state_round_trip():
+    replay, bic = Replay(memory=24), BiasCorrection()
+    s, bench = build([replay, bic])
+    s.train(bench.train_stream[0])
+    s.experience = bench.train_stream[1]
+    bic.before_training_exp(strategy=s)  # as inside experience 1: a held-out set
+    bic.pairs = [dict(PAIRS[0])]
+    state = bic.state_dict()
+    copy = BiasCorrection()
+    copy.load_state_dict(state)
+    assert copy.pairs == bic.pairs and copy.held_classes == bic.held_classes
+    assert all(torch.equal(a, b) for a, b in zip(copy.held, bic.held))
+    bic.held.x.add_(1.0)
+    bic.pairs[0]["alpha"] = 3.0
+    assert not torch.equal(copy.held.x, bic.held.x) and copy.pairs[0]["alpha"] == 0.5  # nothing shared

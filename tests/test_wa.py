@@ -1,0 +1,184 @@
+"""Weight aligning: the factor and the rescaled rows on a hand-built head, clipping, uncorrected(), state."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from streamcl import ConfigError, PluginError, Strategy, hookimpl
+from streamcl.models import MLP
+from streamcl.models.heads import IncrementalLinear
+from streamcl.models.nets import Classifier
+from streamcl.plugins.distill import LwFDistill
+from streamcl.plugins.replay import Replay
+from streamcl.plugins.wa import WA, aligning_factor
+from tests.synthetic import tiny_benchmark
+
+
+def exp(index, classes):
+    return SimpleNamespace(index=index, classes=tuple(classes))
+
+
+def hand_head():
+    """Rows: old classes 0, 1 (norms 5 and 1), new classes 2, 3 (norms 10 and 2), class 4 not seen yet."""
+    head = nn.Linear(2, 5)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [2.0, 0.0], [-7.0, 1.0]]))
+        head.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]))
+    return head
+
+
+def after_second_experience(plugin, head):
+    e0, e1 = exp(0, [0, 1]), exp(1, [2, 3])
+    strategy = SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0, e1], experience=e1)
+    plugin.after_training_exp(strategy=strategy)
+    return strategy
+
+
+# ----------------------------------------------------------------------------- the maths
+def test_the_wa_factor_on_a_hand_built_head():
+    head = hand_head()
+    before = head.weight.detach().clone()
+    # eq. 4: mean old norm (5 + 1) / 2 = 3, mean new norm (10 + 2) / 2 = 6, gamma = 3 / 6
+    assert aligning_factor(head.weight, [0, 1], [2, 3]) == 0.5
+    plugin = WA(clip=False)
+    after_second_experience(plugin, head)
+    w = head.weight.detach()
+    assert w[2].tolist() == [3.0, 4.0] and w[3].tolist() == [1.0, 0.0]  # eq. 5: gamma * W_new
+    assert torch.equal(w[[0, 1, 4]], before[[0, 1, 4]])  # old rows and the unseen class's row untouched
+    assert head.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # the bias is not rescaled
+    assert plugin.gammas == [(1, 0.5)] and plugin.last == {"rows": [2, 3], "gamma": 0.5}
+    # the aligned new rows have the old rows' mean norm
+    assert w[[2, 3]].norm(dim=1).mean().item() == pytest.approx(w[[0, 1]].norm(dim=1).mean().item())
+
+
+def test_an_irrational_factor_by_hand():
+    head = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 3.0]]))
+    plugin = WA()
+    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head),
+                                                       trained=[exp(0, [0, 1]), exp(1, [2])], experience=exp(1, [2])))
+    gamma = (math.sqrt(2) + 1) / 2 / 3
+    assert plugin.gammas[0][1] == pytest.approx(gamma, rel=1e-12)
+    assert head.weight[2].tolist() == pytest.approx([0.0, 3 * gamma], rel=1e-6)
+
+
+def test_nothing_is_aligned_without_old_or_without_new_classes():
+    head = hand_head()
+    before = head.weight.detach().clone()
+    plugin = WA()
+    e0 = exp(0, [0, 1])
+    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0], experience=e0))
+    e1 = exp(1, [0, 1])  # the same classes again (domain-incremental): nothing new
+    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0, e1],
+                                                       experience=e1))
+    assert torch.equal(head.weight.detach(), before) and plugin.gammas == [] and plugin.last is None
+
+
+def test_clipping_makes_the_head_weights_non_negative_after_each_update():
+    head = hand_head()
+    strategy = SimpleNamespace(model=SimpleNamespace(head=head))
+    WA(clip=False).after_update(strategy=strategy)
+    assert head.weight[4, 0].item() == -7.0
+    WA().after_update(strategy=strategy)  # clip=True is the default, as in the paper
+    assert head.weight.tolist() == [[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [2.0, 0.0], [0.0, 1.0]]
+    assert head.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # only the weights
+
+
+def test_a_growing_head_is_aligned_too():
+    head = IncrementalLinear(2, 0)
+    head.grow_to(4)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [2.0, 0.0]]))
+    plugin = WA()
+    after_second_experience(plugin, head)
+    assert head.weight[2:].tolist() == [[3.0, 4.0], [1.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------- uncorrected()
+def test_uncorrected_divides_the_new_rows_back_and_restores_them_exactly():
+    head = hand_head()
+    plugin = WA(clip=False)
+    strategy = after_second_experience(plugin, head)
+    aligned = head.weight.detach().clone()
+    with plugin.uncorrected():
+        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]  # W_new / gamma
+        assert torch.equal(head.weight[[0, 1, 4]], aligned[[0, 1, 4]])
+        plugin.before_eval(strategy=strategy)  # an evaluation inside the context divides only once
+        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    assert torch.equal(head.weight.detach(), aligned)
+
+
+def test_uncorrected_after_a_resume_divides_at_the_evaluation():
+    head = hand_head()
+    done = WA(clip=False)
+    strategy = after_second_experience(done, head)
+    aligned = head.weight.detach().clone()
+    fresh = WA(clip=False)
+    fresh.load_state_dict(done.state_dict())  # a resumed run has seen no hook yet
+    with fresh.uncorrected():
+        assert torch.equal(head.weight.detach(), aligned)
+        fresh.before_eval(strategy=strategy)
+        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    assert torch.equal(head.weight.detach(), aligned)
+
+
+def build(plugins, n_classes=4, n_exp=2):
+    torch.manual_seed(0)
+    bench = tiny_benchmark(n_classes, n_exp)
+    model = MLP(8, [16], n_classes)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=plugins, epochs=2,
+                 batch_size=16, seed=0)
+    return s, bench
+
+
+def test_a_real_run_aligns_clips_and_uncorrected_changes_the_logits():
+    logits = []
+
+    class Spy:
+        @hookimpl
+        def after_eval_forward(self, strategy):
+            logits.append(strategy.output.logits.clone())
+
+    wa = WA()
+    s, bench = build([Replay(memory=20), LwFDistill(), wa, Spy()])
+    s.train(bench.train_stream[0])
+    assert wa.gammas == [] and bool((s.model.head.weight >= 0).all())
+    s.train(bench.train_stream[1])
+    (index, gamma), = wa.gammas
+    assert index == 1 and gamma > 0 and gamma != 1
+    norms = s.model.head.weight.detach().norm(dim=1)
+    assert norms[[2, 3]].mean().item() == pytest.approx(norms[[0, 1]].mean().item(), rel=1e-5)
+    weights = s.model.head.weight.detach().clone()
+    s.eval(bench.test_stream)
+    n = len(logits)
+    with wa.uncorrected():
+        s.eval(bench.test_stream)
+    corrected, raw = torch.cat(logits[:n]), torch.cat(logits[n:])
+    assert torch.equal(corrected[:, :2], raw[:, :2]) and not torch.equal(corrected[:, 2:], raw[:, 2:])
+    assert torch.equal(s.model.head.weight.detach(), weights)
+
+
+# ----------------------------------------------------------------------------- refusals and state
+def test_refusals():
+    with pytest.raises(ConfigError, match="clip"):
+        WA(clip=1)
+    model = Classifier(nn.Flatten(), nn.Sequential(nn.Linear(8, 4)), 8)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[WA()], batch_size=16, seed=0)
+    with pytest.raises(ConfigError, match="linear classifier head"):
+        s.train(tiny_benchmark(4, 2).train_stream[0])
+    from streamcl.plugins.cosine_head import CosineHead  # replaces the head: refused by role
+    with pytest.raises(PluginError, match="architecture"):
+        build([CosineHead(), WA()])
+
+
+def test_state_round_trip():
+    plugin = WA()
+    after_second_experience(plugin, hand_head())
+    copy = WA()
+    copy.load_state_dict(plugin.state_dict())
+    assert copy.gammas == plugin.gammas and copy.last == plugin.last
+    copy.last["rows"].append(9)
+    assert plugin.last["rows"] == [2, 3]  # not shared
