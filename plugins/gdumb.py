@@ -63,11 +63,18 @@ class GDumb(Plugin):
     # ------------------------------------------------------------------------------ sampler (Alg. 1)
     @hookimpl
     def before_training_exp(self, strategy) -> None:
-        now = strategy.model.state_dict()
         if self.initial is None:
-            self.initial = {k: v.detach().clone() for k, v in now.items()}
+            self.initial = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
             return
-        for k, v in now.items():  # entries added since (a grown head) start from their fresh values
+        self._refresh(strategy.model)
+
+    def _refresh(self, model) -> None:
+        """Fit the saved initial weights to ``model``'s entries now: entries added since (a grown head, a new
+        extractor) start from their fresh values, the leading part of a grown one from its saved values; entries
+        that shrank (pruned units) take the model's values, and entries gone are dropped."""
+        now = model.state_dict()
+        self.initial = {k: v for k, v in self.initial.items() if k in now}
+        for k, v in now.items():
             old = self.initial.get(k)
             if old is None or old.shape != v.shape:
                 fresh = v.detach().clone()
@@ -94,6 +101,7 @@ class GDumb(Plugin):
         if not self.pending or self.memory is None or self.initial is None:
             return
         model = strategy.model
+        self._refresh(model)  # a plugin may have reshaped the model since (DER prunes its newest extractor)
         model.load_state_dict(self.initial)
         defaults = strategy.optimizer.param_groups[0]
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
