@@ -55,6 +55,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",
            lambda per_experience=250, sample_size=256: [build_plugin("agem", per_experience=per_experience,
                                                                      sample_size=sample_size)]),
+    Recipe("wa", "weight aligning: replay + LwF distillation; after each experience the new classes' head rows are "
+           "rescaled to the old classes' mean norm (head weights clipped to >= 0)",
+           lambda memory=500, weight=1.0, clip=True: [build_plugin("replay", memory=memory),
+                                                      build_plugin("lwf", weight=weight), build_plugin("wa", clip=clip)]),
+    Recipe("bic", "bias correction: replay + LwF distillation; a class-balanced held-out set fits (alpha, beta) on the "
+           "newest classes' logits after each experience",
+           lambda memory=500, weight=1.0, ratio=0.1: [build_plugin("replay", memory=memory),
+                                                      build_plugin("lwf", weight=weight),
+                                                      build_plugin("bias_correction", ratio=ratio)]),
+    Recipe("wa_less_forget", "hybrid: the wa recipe plus LUCIR's less-forget feature distillation",
+           lambda memory=500, weight=1.0, lambda_base=5.0: [
+               build_plugin("replay", memory=memory), build_plugin("lwf", weight=weight),
+               build_plugin("less_forget", lambda_base=lambda_base), build_plugin("wa")]),
     Recipe("lucir", "LUCIR: cosine-normalised classifier with imprinted new-class weights, less-forget feature "
            "distillation and margin ranking on replayed samples, beside a class-balanced replay memory",
            lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [

@@ -29,6 +29,8 @@ BARS = [
     ("PFM-5", {"name": "mas"}, 0.765, "issue bar; reference 0.756-0.764"),
     ("SFM-5-TIL", {"name": "si"}, 0.950, "issue bar; naive 0.91"),
     ("SFM-5-TIL", {"name": "mas"}, 0.950, "issue bar; reference 0.988 with Avalanche's lambda"),
+    ("SFM-5", {"name": "wa"}, 0.79, "issue bar; replay_lwf (the same without WA) 0.793"),
+    ("SFM-5", {"name": "bic"}, 0.78, "issue bar; reference BiC-500 0.773"),
     ("SFM-5", {"name": "lucir"}, 0.78, "issue bar; Replay-500 0.784"),
     ("PFM-5", {"name": "lwf"}, 0.735, "the issue's 0.765 is not met: measured 0.742 (Naive 0.728); Avalanche's "
                                       "mean is 0.749 (0.769 on seed 0)"),
