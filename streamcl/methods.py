@@ -68,6 +68,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, weight=1.0, lambda_base=5.0: [
                build_plugin("replay", memory=memory), build_plugin("lwf", weight=weight),
                build_plugin("less_forget", lambda_base=lambda_base), build_plugin("wa")]),
+    Recipe("der", "dynamically expandable representation: a masked extractor per experience beside the frozen ones, "
+           "pruned after it; auxiliary |new|+1-way classifier; classifier retrained on the memory",
+           lambda memory=500, sparsity_weight=1.0, classifier_epochs=30: [
+               build_plugin("replay", memory=memory),
+               build_plugin("der", sparsity_weight=sparsity_weight, classifier_epochs=classifier_epochs)]),
     Recipe("lucir", "LUCIR: cosine-normalised classifier with imprinted new-class weights, less-forget feature "
            "distillation and margin ranking on replayed samples, beside a class-balanced replay memory",
            lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [

@@ -31,6 +31,8 @@ BARS = [
     ("SFM-5-TIL", {"name": "mas"}, 0.950, "issue bar; reference 0.988 with Avalanche's lambda"),
     ("SFM-5", {"name": "wa"}, 0.79, "issue bar; replay_lwf (the same without WA) 0.793"),
     ("SFM-5", {"name": "bic"}, 0.78, "issue bar; reference BiC-500 0.773"),
+    ("SFM-5", {"name": "der", "memory": 500}, 0.80, "issue bar, with masks and pruning (the parameter count is held "
+                                                    "by tests/test_der.py); reference DER without pruning 0.51"),
     ("SFM-5", {"name": "lucir"}, 0.78, "issue bar; Replay-500 0.784"),
     ("PFM-5", {"name": "lwf"}, 0.735, "the issue's 0.765 is not met: measured 0.742 (Naive 0.728); Avalanche's "
                                       "mean is 0.749 (0.769 on seed 0)"),
