@@ -12,7 +12,7 @@ demo: $(STAMP) data
 	$(PY) -m streamcl demo --out runs/demo
 
 test: $(STAMP) data
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q -n auto $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; fi; exit $$rc
 
 bench: $(STAMP) data

@@ -1,6 +1,10 @@
 """First-party plugins, one technique per module, built only on streamcl's public API."""
 from streamcl.plugins.agem import AGEM
+from streamcl.plugins.bias_correction import BiasCorrection
+from streamcl.plugins.coil import COIL
+from streamcl.plugins.cosine_head import CosineHead
 from streamcl.plugins.cumulative import Cumulative
+from streamcl.plugins.der import DER
 from streamcl.plugins.dark_replay import DarkReplay
 from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.er_ace import ERACE
@@ -9,6 +13,8 @@ from streamcl.plugins.gdumb import GDumb
 from streamcl.plugins.gem import GEM
 from streamcl.plugins.hypernetwork import HyperNetwork
 from streamcl.plugins.latent_replay import LatentReplay
+from streamcl.plugins.less_forget import LessForget
+from streamcl.plugins.margin_ranking import MarginRanking
 from streamcl.plugins.mas import MAS
 from streamcl.plugins.mir import MIR
 from streamcl.plugins.nme import NMEClassifier
@@ -16,6 +22,8 @@ from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
 from streamcl.plugins.si import SI
 from streamcl.plugins.task_mask import TaskMask
+from streamcl.plugins.wa import WA
 
-__all__ = ["AGEM", "Cumulative", "DarkReplay", "Distill", "ERACE", "EWC", "GDumb", "GEM", "HyperNetwork", "LatentReplay",
-           "LwFDistill", "MAS", "MIR", "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask"]
+__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "DER", "DarkReplay", "Distill", "ERACE", "EWC",
+           "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
+           "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask", "WA"]

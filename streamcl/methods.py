@@ -73,6 +73,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, sparsity_weight=1.0, classifier_epochs=30: [
                build_plugin("replay", memory=memory),
                build_plugin("der", sparsity_weight=sparsity_weight, classifier_epochs=classifier_epochs)]),
+    Recipe("coil", "co-transport (COIL): an optimal-transport plan between old and new class prototypes initialises the "
+           "new head rows from the old ones and carries the new rows back to keep the old predictions; with replay and LwF",
+           lambda memory=500, weight=1.0, **options: [build_plugin("replay", memory=memory),
+                                                       build_plugin("lwf", weight=weight), build_plugin("coil", **options)]),
     Recipe("lucir", "LUCIR: cosine-normalised classifier with imprinted new-class weights, less-forget feature "
            "distillation and margin ranking on replayed samples, beside a class-balanced replay memory",
            lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [

@@ -33,6 +33,7 @@ BARS = [
     ("SFM-5", {"name": "bic"}, 0.78, "issue bar; reference BiC-500 0.773"),
     ("SFM-5", {"name": "der", "memory": 500}, 0.80, "issue bar, with masks and pruning (the parameter count is held "
                                                     "by tests/test_der.py); reference DER without pruning 0.51"),
+    ("SFM-5", {"name": "coil", "memory": 500}, 0.78, "issue bar; reference (PyCIL, concatenated replay) 0.34"),
     ("SFM-5", {"name": "lucir"}, 0.78, "issue bar; Replay-500 0.784"),
     ("PFM-5", {"name": "lwf"}, 0.735, "the issue's 0.765 is not met: measured 0.742 (Naive 0.728); Avalanche's "
                                       "mean is 0.749 (0.769 on seed 0)"),
