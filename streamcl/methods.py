@@ -64,10 +64,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, weight=1.0, ratio=0.1: [build_plugin("replay", memory=memory),
                                                       build_plugin("lwf", weight=weight),
                                                       build_plugin("bias_correction", ratio=ratio)]),
-    Recipe("wa_less_forget", "hybrid: the wa recipe plus LUCIR's less-forget feature distillation",
-           lambda memory=500, weight=1.0, lambda_base=5.0: [
-               build_plugin("replay", memory=memory), build_plugin("lwf", weight=weight),
-               build_plugin("less_forget", lambda_base=lambda_base), build_plugin("wa")]),
+    Recipe("lucir_bic", "hybrid: LUCIR (cosine head, less-forget, margin ranking, replay) with BiC's held-out bias correction",
+           lambda memory=500, ratio=0.1: [
+               build_plugin("replay", memory=memory), build_plugin("cosine_head"), build_plugin("less_forget"),
+               build_plugin("margin_ranking"), build_plugin("bias_correction", ratio=ratio)]),
     Recipe("der", "dynamically expandable representation: a masked extractor per experience beside the frozen ones, "
            "pruned after it; auxiliary |new|+1-way classifier; classifier retrained on the memory",
            lambda memory=500, sparsity_weight=1.0, classifier_epochs=30: [
