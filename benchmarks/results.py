@@ -22,7 +22,7 @@ from streamcl.methods import RECIPES
 # Final average accuracy, Avalanche 0.6.0, mean of seeds 0-2 (../shared/PROTOCOLS.md; issue texts for seed 0 only)
 REFERENCE = {
     "SFM-5": {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
-              "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787, "gem": 0.742,
+              "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787, "gem": 0.742, "bic": 0.773,
               "ewc": 0.199, "si": 0.199, "lwf": 0.199},
     "SFM-5-TIL": {"naive": 0.936, "replay": 0.988, "ewc:lambda_=1000": 0.972, "lwf": 0.989, "mas": 0.988, "gem": 0.988,
                   "agem": 0.988},
