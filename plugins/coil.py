@@ -1,7 +1,6 @@
 """COIL: optimal transport between old and new class prototypes, carried on the classifier both ways."""
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 
@@ -14,6 +13,7 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
+from streamcl.plugins.distill import frozen, takes_task_labels, teacher_logits
 from streamcl.plugins.nme import class_means
 from streamcl.scenarios import as_batch
 
@@ -133,11 +133,7 @@ class COIL(Plugin):
                     if buf is not None:
                         buf[self.new.to(buf.device)] = 0
         if self.rt_weight > 0:
-            teacher = copy.deepcopy(strategy.model)  # the plain module, before training on this experience
-            for p in teacher.parameters():
-                p.grad = None
-                p.requires_grad_(False)
-            self._set_teacher(teacher)
+            self._set_teacher(frozen(strategy.model))  # the plain module, before training on this experience
 
     def _solve(self, strategy, new: list[int]) -> bool:
         """Prototypes with the model as it is, then the plan; False if a side has no prototype."""
@@ -185,7 +181,7 @@ class COIL(Plugin):
             self._refresh(strategy)
         old = self.old.to(logits.device)
         with torch.no_grad():
-            target = self._teacher_logits(batch)[:, old]
+            target = teacher_logits(self.teacher, batch, self._takes_task)[:, old]
         student = transported_logits(head, *self.backward_rows, output.features)
         return {"coil": weight * transport_kl(target, student, T)}
 
@@ -203,13 +199,7 @@ class COIL(Plugin):
 
     def _set_teacher(self, teacher: nn.Module | None) -> None:
         self.teacher = teacher
-        if teacher is not None:
-            teacher.eval()
-            self._takes_task = "task_labels" in inspect.signature(teacher.forward).parameters
-
-    def _teacher_logits(self, batch) -> Tensor:
-        out = self.teacher(batch.x, task_labels=batch.t) if self._takes_task else self.teacher(batch.x)
-        return out[0] if isinstance(out, tuple) else out
+        self._takes_task = teacher is not None and takes_task_labels(teacher)
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
@@ -234,12 +224,7 @@ class COIL(Plugin):
             return None if r is None else tuple(None if t is None else t.clone() for t in r)
 
         self.old_classes = list(state["old_classes"])
-        teacher = copy.deepcopy(state["teacher"])  # never shared with whoever holds ``state``
-        if teacher is not None:
-            teacher.load_state_dict(state["teacher_state"])
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        self._set_teacher(teacher)
+        self._set_teacher(frozen(state["teacher"], state["teacher_state"]))
         self.plan = None if state["plan"] is None else state["plan"].clone()
         self.old = None if state["old"] is None else state["old"].clone()
         self.new = None if state["new"] is None else state["new"].clone()

@@ -15,6 +15,29 @@ from streamcl.errors import ConfigError
 KINDS = ("kl", "bce")
 
 
+def frozen(model: torch.nn.Module | None, state: dict | None = None) -> torch.nn.Module | None:
+    """A deep copy of ``model`` (loaded with ``state`` if given) in evaluation mode, taking no gradient."""
+    if model is None:
+        return None
+    teacher = copy.deepcopy(model)  # never shared with the model (or with whoever holds ``state``)
+    if state is not None:
+        teacher.load_state_dict(state)
+    for p in teacher.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def takes_task_labels(model: torch.nn.Module) -> bool:
+    return "task_labels" in inspect.signature(model.forward).parameters
+
+
+def teacher_logits(teacher: torch.nn.Module, batch, takes_task: bool) -> Tensor:
+    """``teacher``'s logits on ``batch`` (given the task labels if its forward takes them)."""
+    out = teacher(batch.x, task_labels=batch.t) if takes_task else teacher(batch.x)
+    return out[0] if isinstance(out, tuple) else out
+
+
 class Distill(Plugin):
     """Distillation of the old classes' logits from the model as it was before the current experience.
 
@@ -72,11 +95,7 @@ class Distill(Plugin):
     def before_training_exp(self, strategy) -> None:
         if not self.old_classes:
             return
-        teacher = copy.deepcopy(strategy.model)  # the plain module (never the DDP wrapper), head already grown
-        for p in teacher.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        self._set_teacher(teacher)
+        self._set_teacher(frozen(strategy.model))  # the plain module (never the DDP wrapper), head already grown
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
@@ -109,13 +128,10 @@ class Distill(Plugin):
 
     def _set_teacher(self, teacher: torch.nn.Module | None) -> None:
         self.teacher, self._old = teacher, None
-        if teacher is not None:
-            teacher.eval()
-            self._takes_task = "task_labels" in inspect.signature(teacher.forward).parameters
+        self._takes_task = teacher is not None and takes_task_labels(teacher)
 
     def _teacher_logits(self, batch) -> Tensor:
-        out = self.teacher(batch.x, task_labels=batch.t) if self._takes_task else self.teacher(batch.x)
-        return out[0] if isinstance(out, tuple) else out
+        return teacher_logits(self.teacher, batch, self._takes_task)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -124,12 +140,7 @@ class Distill(Plugin):
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
-        teacher = copy.deepcopy(state["teacher"])  # never shared with whoever holds ``state``
-        if teacher is not None:
-            teacher.load_state_dict(state["teacher_state"])
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        self._set_teacher(teacher)
+        self._set_teacher(frozen(state["teacher"], state["teacher_state"]))
 
 
 class LwFDistill(Distill):

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from streamcl import Plugin, TensorData, hookimpl
 from streamcl.errors import ConfigError
-from streamcl.penalty import Anchors, sample_gradients, trainable
+from streamcl.penalty import Anchors, sample_gradients
 from streamcl.plugins.si import accumulate
 
 
@@ -51,13 +51,9 @@ class MAS(Plugin):
     def after_training_exp(self, strategy) -> None:
         data = strategy.experience.dataset
         data = data.to(strategy.device) if isinstance(data, TensorData) else data
-        params = trainable(strategy.model)
         for n, omega in sample_gradients(strategy, data, squared_norm, "abs").items():
             self.importance[n] = accumulate(self.importance.get(n), omega)
-        if self.lambda_ > 0:
-            coefficients = {n: self.lambda_ * v for n, v in self.importance.items() if n in params}
-            self.anchors.add(coefficients, {n: params[n] for n in coefficients}, decay=0.0,
-                             model=strategy.model, optimizer=strategy.optimizer)
+        self.anchors.reset(self.lambda_, self.importance, strategy.model, strategy.optimizer)
 
     @hookimpl
     def loss_terms(self, strategy) -> dict[str, Tensor] | None:

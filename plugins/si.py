@@ -115,10 +115,7 @@ class SI(Plugin):
                 new = (omega / (change.square() + self.xi)).clamp(min=0)  # eq. 5, clipped at 0
                 self.importance[n] = accumulate(self.importance.get(n), new)
         self.omega = self.start = None
-        if self.c > 0:
-            coefficients = {n: self.c * v for n, v in self.importance.items() if n in params}
-            self.anchors.add(coefficients, {n: params[n] for n in coefficients}, decay=0.0,
-                             model=strategy.model, optimizer=strategy.optimizer)
+        self.anchors.reset(self.c, self.importance, strategy.model, strategy.optimizer)
 
     # ------------------------------------------------------------------------------ penalty
     @hookimpl

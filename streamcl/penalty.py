@@ -190,6 +190,15 @@ class Anchors:
         if model is not None:
             self._cap(model, optimizer)
 
+    def reset(self, weight: float, importance: dict[str, Tensor], model: nn.Module,
+              optimizer: torch.optim.Optimizer | None) -> None:
+        """One point: ``weight * importance`` anchored at ``model``'s current parameters (those named in it)."""
+        params = trainable(model)
+        self.points = []
+        if weight > 0:
+            coefficients = {n: weight * v for n, v in importance.items() if n in params}
+            self.add(coefficients, {n: params[n] for n in coefficients}, model=model, optimizer=optimizer)
+
     def _cap(self, model: nn.Module, optimizer) -> None:
         limits, capped, total = stability_limit(optimizer), 0, 0
         for n, p in model.named_parameters():
