@@ -15,6 +15,7 @@ from streamcl.plugins.latent_replay import LatentReplay
 from streamcl.plugins.nme import class_means
 from streamcl.plugins.replay import Replay
 from tests.synthetic import tiny_benchmark
+from tests.test_distill import Fixed  # a teacher that answers the same logits for any input
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -126,17 +127,6 @@ def test_no_initialisation_with_init_false():
 
 
 # ----------------------------------------------------------------------------- the terms by hand
-class Fixed(nn.Module):
-    """A 'teacher' that answers the same logits for any input."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.register_buffer("logits", torch.tensor(logits))
-
-    def forward(self, x):
-        return self.logits[: len(x)]
-
-
 def test_transported_logits_use_the_head_with_the_rows_replaced():
     head = nn.Linear(2, 5)
     f = torch.tensor([[1.0, 2.0]])
