@@ -38,18 +38,33 @@ def _first_samples(data: Dataset, device: torch.device, n: int = 2):
 @torch.no_grad()
 def check_model_fits(strategy, data: Dataset, exp: Experience | None) -> None:
     """A dry forward pass on two samples: inputs must fit the model and, when ``exp`` is given
-    (training), its outputs must cover every label of ``data``."""
+    (training), its outputs must cover every label of ``data``. The first time, the head found for the
+    model must give the model's output (else it is not the classifier head)."""
     model = strategy.model
     x, t = _first_samples(data, strategy.device)
     was_training = model.training
     model.eval()
+    head = strategy._head
+    seen: list = []
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(out)) if head is not None else None
     try:
         out = model(x, task_labels=t) if strategy._takes_task else model(x)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, IndexError) as err:
         raise DataError(f"inputs of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: {err}") from None
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     logits = out[0] if isinstance(out, tuple) else out
+    if head is not None and not strategy._head_checked:
+        if not seen or not isinstance(seen[-1], torch.Tensor) or seen[-1].shape != logits.shape \
+                or not torch.equal(seen[-1], logits):
+            if any("head" in getattr(p, "requires", ()) for p in strategy.plugins):
+                raise DataError(f"the module at {strategy.head_path!r} ({type(head).__name__}) was taken for the "
+                                f"classifier head of {type(model).__name__}, but its output is not the model's; "
+                                "name the layer that gives the logits with Strategy(..., head='path.to.layer')")
+        else:
+            strategy._head_checked = True
     if exp is None:
         return
     y = data.y if isinstance(data, TensorData) else targets_of(data)

@@ -30,6 +30,25 @@ if TYPE_CHECKING:  # pragma: no cover
 hookspec = pluggy.HookspecMarker("streamcl")
 
 
+# ----------------------------------------------------------------------------- events: set-up and logs
+@hookspec
+def setup(strategy: Strategy) -> None:
+    """Once, when the Strategy is built and the model's parts are found (``strategy.head_path``): refuse a
+    model or a plugin list the technique cannot use by raising a ``streamcl.ConfigError`` that names what is
+    missing. Plugins that declare ``requires = {"head"}`` are checked before this."""
+
+
+@hookspec
+def log_value(strategy: Strategy, name: str, value: float, step: int) -> None:
+    """A scalar a plugin or the engine logged with ``strategy.log(name, value)`` (loggers write it)."""
+
+
+@hookspec
+def set_correction(strategy: Strategy, active: bool) -> None:
+    """Switch the plugin's bias correction off (``active=False``) or back on; ``strategy.uncorrected()``
+    calls it around an evaluation of the uncorrected model (WA, BiC, DER's classifier stage)."""
+
+
 # ----------------------------------------------------------------------------- events: training
 @hookspec
 def before_training(strategy: Strategy) -> None:
@@ -155,6 +174,13 @@ def train_data(strategy: Strategy, experience: Experience) -> Dataset | None:
 
 
 @hookspec
+def held_out(strategy: Strategy, batch: Batch) -> Tensor | None:
+    """A boolean mask over the rows of the training minibatch ``batch`` (replay joined): ``True`` rows are
+    kept out of training (a validation split, BiC's held-out set). If every row of the experience's own
+    part would be held out, that part is kept whole (a minibatch is never empty)."""
+
+
+@hookspec
 def param_groups(strategy: Strategy, model: nn.Module) -> list[dict] | None:
     """Optimizer parameter groups (``{"params": [...], "lr": ...}``) for some of ``model``'s parameters.
 
@@ -179,6 +205,15 @@ def adapt_logits(strategy: Strategy, logits: Tensor, features: Tensor | None, ba
     """
 
 
-EVENTS = tuple(name for name in dir() if name.startswith(("before_", "after_")))
-CONTRIBUTIONS = ("loss_terms", "replay_batch", "train_data", "param_groups")
-TRANSFORMS = ("adapt_model", "adapt_logits")
+@hookspec
+def task_loss(strategy: Strategy, loss: Tensor | None, output: Output, batch: Batch) -> Tensor | None:
+    """Return the task loss of the training minibatch (ER-ACE's asymmetric cross-entropy), or ``None`` to keep
+    ``loss``, the previous plugin's (``None`` before the first). If the chain ends with ``None`` the engine
+    applies ``strategy.criterion`` (plain cross-entropy unless the user gave another) to the logits and labels;
+    ``strategy.criterion`` itself never changes, so plugins that need the plain loss (GEM's memory gradients)
+    call it."""
+
+
+EVENTS = tuple(name for name in dir() if name.startswith(("before_", "after_"))) + ("setup", "log_value", "set_correction")
+CONTRIBUTIONS = ("loss_terms", "replay_batch", "train_data", "held_out", "param_groups")
+TRANSFORMS = ("adapt_model", "adapt_logits", "task_loss")

@@ -34,11 +34,14 @@ class Plugin:
 
     ``owns`` names the exclusive roles the plugin takes (``{"classifier"}``): two plugins of one
     strategy that own the same role are refused at construction. ``needs`` names roles another
-    plugin of the list must own (``{"memory"}``), or the list is refused.
+    plugin of the list must own (``{"memory"}``), or the list is refused. ``requires`` names parts of the
+    model the plugin uses: ``{"head"}`` (a linear classifier head, and the features it reads), refused at
+    construction when the engine finds none.
     """
 
     owns: ClassVar[frozenset[str]] = frozenset()
     needs: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
     _init_args: tuple[tuple, dict]
 
     def __new__(cls, *args, **kwargs):
@@ -145,13 +148,16 @@ def make_manager(plugins: Sequence[object], engine_plugins: Iterable[object] = (
     return pm
 
 
+TRANSFORMED = {"adapt_model": "model", "adapt_logits": "logits", "task_loss": "loss"}
+
+
 def call_chain(pm: pluggy.PluginManager, name: str, value, **kwargs):
     """Fold the transform hook ``name`` over its implementations in plugin order.
 
-    ``value`` is passed under the hook's first transformed argument (``model`` or ``logits``)
+    ``value`` is passed under the hook's transformed argument (``model``, ``logits`` or ``loss``)
     and replaced by each implementation's return value (``None`` keeps it).
     """
-    key = "model" if name == "adapt_model" else "logits"
+    key = TRANSFORMED[name]
     for impl in reversed(getattr(pm.hook, name).get_hookimpls()):
         kwargs[key] = value
         out = impl.function(*[kwargs[a] for a in impl.argnames])

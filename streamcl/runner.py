@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -84,32 +83,29 @@ def build_plugins(cfg: dict) -> tuple[list, bool]:
 
 
 def evaluate(strategy: Strategy, stream) -> dict:
-    """``strategy.eval(stream)``; with plugins that correct the model's bias (those with an ``uncorrected()``
-    context, e.g. WA, BiC), first once inside all those contexts, kept as the numbers before correction."""
-    corrections = [p for p in strategy.plugins if callable(getattr(p, "uncorrected", None))]
-    if corrections:
-        with ExitStack() as stack:
-            for plugin in corrections:
-                stack.enter_context(plugin.uncorrected())
+    """``strategy.eval(stream)``; with plugins that correct the model's bias (``set_correction``: WA, BiC,
+    DER's classifier stage), first once with the corrections off, kept as the numbers before correction."""
+    if strategy.corrects:
+        with strategy.uncorrected():
             strategy.eval(stream)
         strategy.metrics.note_uncorrected()
     return strategy.eval(stream)
 
 
 def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None, resume: bool = False,
-        benchmark: Benchmark | None = None) -> dict:
+        benchmark: Benchmark | None = None, model: nn.Module | None = None) -> dict:
     """Train and evaluate as ``cfg`` says; write results.json, TensorBoard and checkpoints under ``out``.
 
     A checkpoint is written to ``out/checkpoints/last.pt`` after every experience (and every
     ``train.checkpoint_every`` iterations if set). With ``resume`` the run goes on from it and ends
     with the numbers an uninterrupted run gives. ``benchmark`` replaces the one the config names
-    (tests use tiny synthetic streams). Returns the results.
+    (tests use tiny synthetic streams), ``model`` the one it builds (a user's module). Returns the results.
     """
     device = dist.init(cfg["train"]["device"])  # joins torchrun's process group, if any
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
     n_features = bench.train_stream[0].dataset[0][0].numel()
-    model = build_model(cfg, bench.n_classes, n_features)
+    model = build_model(cfg, bench.n_classes, n_features) if model is None else model
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
@@ -131,7 +127,7 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
         _resume(strategy, out, cfg)
     train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
     done = len(strategy.trained)
-    if done and len(strategy.metrics.matrix) < done:  # stopped between training and evaluation
+    if done and not strategy.metrics.recorded(done):  # stopped between training and evaluation
         evaluate(strategy, bench.test_stream)
     for experience in train_stream[done:]:
         strategy.train(experience)

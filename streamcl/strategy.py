@@ -1,11 +1,13 @@
 """The training loop: ``Strategy.train(experience)`` and ``Strategy.eval(stream)``, emitting hooks."""
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from time import perf_counter
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,11 +18,12 @@ from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
 from streamcl.checks import check_experience, check_model_fits, non_finite_error
 from streamcl.checkpoint import Position
-from streamcl.errors import PluginError
+from streamcl.errors import ConfigError, PluginError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
 from streamcl.optim import sync_optimizer
+from streamcl.parts import capture_input, find_head, grown_linear, is_linear, replace_module
 from streamcl.plugin import call_chain, check_roles, make_manager, plugin_name
 from streamcl.scenarios import Experience, TensorData, join
 
@@ -29,18 +32,25 @@ class Strategy:
     """Trains one model on a stream, one experience at a time; methods are ``plugins``.
 
     Plugins run in list order, then the engine's own (metrics, then ``loggers``). ``seed``
-    fixes the data order (``self.generator``); plugins draw from the same generator.
+    fixes the data order (``self.generator``); plugins draw from the same generator. ``model`` is any
+    ``nn.Module``; its classifier head is found (see :mod:`streamcl.parts`) or named by ``head``, a
+    dotted path such as ``"classifier.6"``. ``eval_every`` evaluates ``eval_stream`` after every that
+    many epochs, logged as its own curves (never in the accuracy matrix).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
                  plugins: Sequence[object] = (), epochs: int = 1, batch_size: int = 128,
                  eval_batch_size: int | None = None, device=None, loggers: Sequence[object] = (),
                  seed: int | None = None, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int | None = None, check_finite: bool = True, ddp: dict | None = None):
+                 checkpoint_every: int | None = None, check_finite: bool = True, ddp: dict | None = None,
+                 head: str | None = None, eval_every: int | None = None, eval_stream=None):
         from streamcl.loggers import resolve_loggers
         from streamcl.registry import resolve_plugins
 
-        self.device = dist.init(device or next(model.parameters()).device)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        first = next(model.parameters(), None)
+        self.device = dist.init(device or (first.device if first is not None else "cpu"))
         self.world, self.ddp_options = dist.world_size(), dict(ddp or {})
         self.model, self.optimizer = model.to(self.device), optimizer
         self._net = self.model  # what the training forward calls: the model, or the model in DDP
@@ -49,7 +59,7 @@ class Strategy:
         self.loggers = resolve_loggers(loggers) if dist.is_main() else []  # only rank 0 logs
         self.metrics = Metrics()
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("checkpoint_every", checkpoint_every)):
+                            ("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.epochs, self.batch_size = epochs, batch_size
@@ -59,6 +69,9 @@ class Strategy:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.check_finite = checkpoint_every, check_finite
         self.checkpoint_meta: dict = {}  # saved with every checkpoint (the runner keeps its config here)
+        if eval_every and eval_stream is None:
+            raise ConfigError("eval_every needs an eval_stream: the experiences to evaluate periodically")
+        self.eval_every, self.eval_stream = eval_every, eval_stream
         check_roles(self.plugins)
         self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
         hooks = self.pm.hook
@@ -78,7 +91,13 @@ class Strategy:
         self.loss: torch.Tensor | None = None
         self.loss_terms: dict[str, torch.Tensor] = {}
         self.eval_results: list[EvalCounts] = []
+        self.recording = False  # inside an eval whose results enter the accuracy matrix
+        self._head_override = head
+        self.head_path: str | None = find_head(self.model, head)
+        self._head_checked = False
         self._inspect_model()
+        self._check_requires()
+        self._emit("setup")
 
     # ------------------------------------------------------------------------------- training
     def train(self, experiences: Experience | Iterable[Experience]) -> None:
@@ -117,6 +136,8 @@ class Strategy:
             for self.iteration, batch in enumerate(batches, start):
                 self._training_step(batch)
             self._emit("after_training_epoch")
+            if self.eval_every and (self.epoch + 1) % self.eval_every == 0:
+                self.eval(self.eval_stream)
         self.trained.append(exp)
         self._emit("after_training_exp")
         if self.checkpoint_dir is not None:
@@ -131,6 +152,8 @@ class Strategy:
             if self.world > 1:  # every rank drew the same samples: keep this rank's share
                 extra = [b.select(dist.shard(torch.arange(len(b), device=b.y.device))) for b in extra if len(b)]
             self.batch = self.batch.cat(*extra)
+        if self._hook["held_out"]:
+            self._hold_out()
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")
         self.output = self.forward(self.batch)
@@ -153,8 +176,23 @@ class Strategy:
             self.save_checkpoint(position=True)
 
     def task_loss(self, output: Output, batch: Batch) -> torch.Tensor:
-        """The criterion on the (adapted) logits and the labels."""
-        return self.criterion(output.logits, batch.y)
+        """The ``task_loss`` chain's result, else ``criterion`` on the (adapted) logits and the labels."""
+        loss = None
+        if self._hook["task_loss"]:
+            loss = call_chain(self.pm, "task_loss", None, strategy=self, output=output, batch=batch)
+        return self.criterion(output.logits, batch.y) if loss is None else loss
+
+    def _hold_out(self) -> None:
+        masks = [m for m in self._contributions("held_out", batch=self.batch) if m is not None]
+        if not masks:
+            return
+        held = torch.stack([m.to(torch.bool) for m in masks]).any(0)
+        if bool(held[:self.n_current].all()):  # the experience's own rows are never all dropped
+            held[:self.n_current] = False
+        if bool(held.any()):
+            keep = ~held
+            self.n_current = int(keep[:self.n_current].sum())
+            self.batch = self.batch.select(keep)
 
     def _add_loss_terms(self) -> None:
         owner: dict[str, int] = {}
@@ -169,23 +207,35 @@ class Strategy:
 
     # ------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def eval(self, stream: Experience | Iterable[Experience]) -> dict:
-        """Accuracy on each experience of ``stream``, and the metrics of the run so far."""
+    def eval(self, stream: Experience | Iterable[Experience], record: bool = True) -> dict:
+        """Accuracy on each experience of ``stream``, and the metrics of the run so far.
+
+        The results enter the accuracy matrix (row: the experiences trained so far; column: each test
+        experience's index) unless ``record`` is false or training is in progress (a periodic evaluation);
+        those are kept apart as ``periodic`` curves.
+        """
         start, was_training = perf_counter(), self.model.training
         exps = [stream] if isinstance(stream, Experience) else list(stream)
+        saved = self.experience, self.batch, self.output
         self.model.eval()
         self.eval_results = []
-        self._emit("before_eval")
-        for exp in exps:
-            self.experience = exp
-            check_experience(exp)
-            check_model_fits(self, self._on_device(exp.dataset), None)
-            self._emit("before_eval_exp")
-            self.eval_results.append(self._eval_experience(exp))
-            self._emit("after_eval_exp")
-        self.eval_seconds += perf_counter() - start
-        self._emit("after_eval")
-        self.model.train(was_training)
+        self.recording = bool(record) and not self.is_training
+        try:
+            self._emit("before_eval")
+            for exp in exps:
+                self.experience = exp
+                check_experience(exp)
+                check_model_fits(self, self._on_device(exp.dataset), None)
+                self._emit("before_eval_exp")
+                self.eval_results.append(self._eval_experience(exp))
+                self._emit("after_eval_exp")
+            self.eval_seconds += perf_counter() - start
+            self._emit("after_eval")
+        finally:
+            self.recording = False
+            self.model.train(was_training)
+            if self.is_training:
+                self.experience, self.batch, self.output = saved
         return {"accuracy": [c.accuracy for c in self.eval_results], **self.metrics.summary()}
 
     def _eval_experience(self, exp: Experience) -> EvalCounts:
@@ -206,41 +256,229 @@ class Strategy:
         return EvalCounts(exp.index, correct.cpu(), total.cpu())
 
     # ------------------------------------------------------------------------------- pieces
-    def forward(self, batch: Batch, net=None) -> Output:
+    def forward(self, batch: Batch, net=None, *, model: nn.Module | None = None, adapt: bool = True) -> Output:
         """The model on ``batch.x`` (and task labels, if it takes them), then every ``adapt_logits``.
 
-        ``net`` replaces the model for this call (a callable taking the model's arguments, e.g. the
-        model under ``torch.func.functional_call``).
+        ``features`` are the head's input. ``model`` runs another module of the same architecture (a
+        frozen teacher); ``net`` replaces the call itself (a callable taking the model's arguments, e.g.
+        the model under ``torch.func.functional_call``); ``adapt=False`` skips ``adapt_logits``.
         """
-        kwargs = {"task_labels": batch.t} if self._takes_task else {}
-        net = net if net is not None else self._net if self.is_training else self.model
-        if self._returns_features:
-            raw, features = net(batch.x, return_features=True, **kwargs)
-        else:
+        model = self.model if model is None else model
+        own = model is self.model
+        if net is None:
+            net = self._net if own and self.is_training else model
+        kwargs = {"task_labels": batch.t} if (self._takes_task if own else _takes_task(model)) else {}
+        head = self._head if own else self._head_in(model)
+        if head is None:
             raw, features = net(batch.x, **kwargs), None
+        else:
+            with capture_input(head) as box:
+                raw = net(batch.x, **kwargs)
+            features = box[0] if box else None
         logits = raw
-        if self._hook["adapt_logits"]:
+        if adapt and self._hook["adapt_logits"]:
             logits = call_chain(self.pm, "adapt_logits", raw, strategy=self, features=features, batch=batch)
         return Output(logits, features, raw)
 
+    def infer(self, data, *, model: nn.Module | None = None, adapt: bool = True,
+              batch_size: int | None = None) -> Output:
+        """``forward`` over all of ``data`` (a Batch, TensorData or Dataset) in chunks, in evaluation mode and
+        without gradients: the one chunked inference pass plugins share (features of a memory, a teacher's
+        logits). The model's mode is restored after."""
+        model = self.model if model is None else model
+        was_training, model_training = self.is_training, model.training
+        parts: list[Output] = []
+        model.eval()
+        self.is_training = False
+        try:
+            with torch.no_grad():
+                if isinstance(data, Batch):
+                    size = batch_size or self.eval_batch_size
+                    chunks = (data.select(slice(i, i + size)) for i in range(0, len(data), size))
+                else:
+                    chunks = self.batches(self._on_device(data), batch_size or self.eval_batch_size, local=True)
+                parts = [self.forward(b.to(self.device), model=model, adapt=adapt) for b in chunks]
+        finally:
+            self.is_training = was_training
+            model.train(model_training)
+        if not parts:
+            return Output(torch.empty(0, device=self.device), None, None)
+        feats = None if parts[0].features is None else torch.cat([p.features for p in parts])
+        return Output(torch.cat([p.logits for p in parts]), feats, torch.cat([p.raw for p in parts]))
+
+    def predict(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The method's prediction for inputs ``x``: logits after every ``adapt_logits`` (bias correction,
+        nearest-mean, task mask), in evaluation mode. ``argmax(1)`` gives the class. The way to use a
+        trained model: the bare model lacks what the plugins add."""
+        x = torch.as_tensor(x).to(self.device)
+        t = torch.zeros(len(x), dtype=torch.long, device=self.device) if task_labels is None else \
+            torch.as_tensor(task_labels, dtype=torch.long, device=self.device)
+        return self.infer(Batch(x, torch.zeros_like(t), t)).logits
+
+    def embed(self, data, *, model: nn.Module | None = None) -> torch.Tensor:
+        """The features (the head's input) of all of ``data``, chunked, in evaluation mode, no gradient."""
+        self.require_head("features")
+        out = self.infer(data, model=model, adapt=False)
+        if out.features is None:
+            raise ConfigError(f"the head at {self.head_path!r} was not called by the model's forward, so it gives "
+                              "no features; name the classifier layer with Strategy(head=...)")
+        return out.features
+
+    # ------------------------------------------------------------------------------- the model's parts
+    @property
+    def head(self) -> nn.Module:
+        """The model's classifier head (a linear layer whose input are the features)."""
+        self.require_head("the classifier head")
+        return self._head
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of the features: the head's ``in_features``."""
+        return int(self.head.in_features)
+
+    def require_head(self, what: str, plugin: object = None) -> None:
+        """Raise a ConfigError naming ``what`` (and ``plugin``) when the model has no classifier head."""
+        if self._head is not None and is_linear(self._head):
+            return
+        who = f"{plugin!r} needs {what}" if plugin is not None else f"{what} is needed"
+        found = "" if self.head_path is None else f" (the module at {self.head_path!r} is not linear)"
+        raise ConfigError(f"{who}, but no linear classifier head was found in {type(self.model).__name__}{found}: "
+                          "streamcl looks for timm's get_classifier(), an attribute head, fc, classifier or heads, "
+                          "and the last linear layer of an nn.Sequential; name it with Strategy(..., head='path.to.layer')")
+
+    def set_head(self, module: nn.Module) -> None:
+        """Put ``module`` in the head's place (a cosine head, a wider head); the optimizer follows."""
+        self.require_head("the classifier head")
+        module = module.to(self.device)
+        if self.head_path == "":
+            self.model = module
+        else:
+            replace_module(self.model, self.head_path, module)
+        self.model_changed()
+
+    def extractor(self, model: nn.Module | None = None) -> nn.Module:
+        """A copy of ``model`` (default: the strategy's) whose head is ``nn.Identity``: it maps inputs to features."""
+        self.require_head("the feature extractor")
+        copy_ = copy.deepcopy(self.model if model is None else model)
+        if self.head_path == "":
+            raise ConfigError("the model is its own head (a single linear layer): it has no feature extractor")
+        replace_module(copy_, self.head_path, nn.Identity())
+        return copy_
+
+    def model_changed(self) -> None:
+        """Call after changing ``strategy.model`` (new, removed or replaced parameters): the head is found
+        again, the optimizer follows (every ``param_groups`` contribution applied), DDP re-wraps."""
+        groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
+        sync_optimizer(self.optimizer, self.model, groups)
+        self._inspect_model()
+        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+
+    @torch.no_grad()
+    def forget_momentum(self, param: nn.Parameter, rows=None) -> None:
+        """Zero the optimizer's running state (momentum, Adam's moments) of ``param``, or of its ``rows``:
+        for weights a plugin has just set (imprinted or transported head rows)."""
+        for value in self.optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                if rows is None:
+                    value.zero_()
+                else:
+                    value[rows] = 0
+
+    @property
+    def seen_classes(self) -> list[int]:
+        """The classes of every experience trained so far and of the one training now, sorted."""
+        exps = [*self.trained, *([self.experience] if self.is_training and self.experience is not None else [])]
+        return sorted({int(c) for e in exps for c in e.classes})
+
+    @property
+    def memory(self):
+        """The replay memory (``.memory`` of the plugin that owns the role ``memory``), or ``None``."""
+        owner = self.owner("memory")
+        return getattr(owner, "memory", None)
+
+    def log(self, name: str, value: float) -> None:
+        """Send a scalar to every logger, at the current step (``loss/compress``, ``wa/factor``)."""
+        hook = self._hook["log_value"]
+        if hook is not None:
+            hook(strategy=self, name=name, value=float(value), step=self.global_step)
+
+    @property
+    def corrects(self) -> bool:
+        """Whether a plugin corrects the model's bias (implements ``set_correction``)."""
+        return self._hook["set_correction"] is not None
+
+    @contextmanager
+    def uncorrected(self) -> Iterator[None]:
+        """Within the context, every bias correction is switched off (``set_correction(active=False)``)."""
+        hook = self._hook["set_correction"]
+        if hook is not None:
+            hook(strategy=self, active=False)
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook(strategy=self, active=True)
+
+    def fit(self, data: Batch, loss: Callable[[Batch], torch.Tensor], params: Iterable[nn.Parameter], *,
+            epochs: int, name: str, batch_size: int | None = None, **options) -> list[float]:
+        """A private training loop (GDumb's retraining, DER's classifier stage, P&C's compression).
+
+        Trains ``params`` for ``epochs`` on shuffled minibatches of ``data`` (order from ``self.generator``),
+        minimising ``loss(minibatch)``, with a fresh optimizer of the strategy's kind: each parameter keeps
+        the settings (learning rate...) of its group in the strategy's optimizer, ``options`` override them.
+        Logs ``loss/<name>`` (each epoch's mean) and returns those means.
+        """
+        params = list(params)
+        optimizer = type(self.optimizer)(self._groups_for(params, options))
+        size, means = batch_size or self.batch_size, []
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(len(data), generator=self.generator).to(data.y.device)
+                total = torch.zeros((), device=self.device)
+                for i in range(0, len(order), size):
+                    part = data.select(order[i:i + size])
+                    optimizer.zero_grad(set_to_none=True)
+                    value = loss(part)
+                    value.backward()
+                    optimizer.step()
+                    total += value.detach() * len(part)
+                means.append(float(total) / max(1, len(data)))
+                if self.check_finite and not math.isfinite(means[-1]):
+                    raise TrainingError(f"non-finite loss in {name!r} (a private training loop); lower its "
+                                        "learning rate")
+                self.log(f"loss/{name}", means[-1])
+        return means
+
+    def _groups_for(self, params: list[nn.Parameter], options: dict) -> list[dict]:
+        """One group per group of the strategy's optimizer that holds some of ``params`` (others: the first's)."""
+        group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        chosen: dict[int, list] = {}
+        for p in params:
+            chosen.setdefault(group_of.get(id(p), 0), []).append(p)
+        base = self.optimizer.param_groups or [self.optimizer.defaults]
+        return [{**{k: v for k, v in base[i].items() if k not in ("params", "from_plugin")}, **options, "params": ps}
+                for i, ps in chosen.items()]
+
     def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None,
-                start: int = 0) -> Iterator[Batch]:
+                start: int = 0, local: bool = False) -> Iterator[Batch]:
         """Minibatches of ``data`` taken in ``order`` (dataset order if ``None``), from batch ``start`` on.
 
         Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader. Under
-        torchrun each batch of ``batch_size`` (the global batch) is split across ranks.
+        torchrun each batch of ``batch_size`` (the global batch) is split across ranks, unless ``local``.
         """
         first, n = start * batch_size, len(data)
+        world = 1 if local else self.world
         if isinstance(data, TensorData):
             order = order.to(self.device) if order is not None else None
             for i in range(first, n, batch_size):
                 idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
-                if self.world > 1:
+                if world > 1:
                     idx = dist.shard(idx if order is not None else torch.arange(n, device=self.device)[idx])
                 yield Batch(data.x[idx], data.y[idx], data.t[idx])
         else:
             order = order if order is not None else torch.arange(n)
-            sampler = [dist.shard(order[i:i + batch_size]).tolist() for i in range(first, n, batch_size)]
+            sampler = [(dist.shard(order[i:i + batch_size]) if world > 1 else order[i:i + batch_size]).tolist()
+                       for i in range(first, n, batch_size)]
             for sample in DataLoader(data, batch_sampler=sampler):
                 yield Batch.from_sample(sample).to(self.device)
 
@@ -259,12 +497,16 @@ class Strategy:
     def _adapt_model(self, exp: Experience) -> None:
         seen = max(max(exp.classes, default=-1), *(max(e.classes, default=-1) for e in self.trained), -1) + 1
         grow_heads(self.model, seen)
+        head = self._head
+        if type(head) is nn.Linear and head.out_features < seen:  # a user's fixed head: widened, rows kept
+            if self.head_path == "":
+                self.model = grown_linear(head, seen)
+            else:
+                replace_module(self.model, self.head_path, grown_linear(head, seen))
+            self._inspect_model()
         if self._hook["adapt_model"]:
             self.model = call_chain(self.pm, "adapt_model", self.model, strategy=self, experience=exp).to(self.device)
-        groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
-        sync_optimizer(self.optimizer, self.model, groups)
-        self._inspect_model()
-        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+        self.model_changed()
 
     def _loss_is_finite(self) -> bool:
         finite = math.isfinite(self.loss.item())
@@ -274,9 +516,31 @@ class Strategy:
         return finite
 
     def _inspect_model(self) -> None:
-        params = inspect.signature(self.model.forward).parameters
-        self._returns_features = "return_features" in params
-        self._takes_task = "task_labels" in params
+        """Find the head again (when the model was replaced or its head moved) and the forward's arguments."""
+        self._takes_task = _takes_task(self.model)
+        path = self.head_path
+        if path is None or self._head_in(self.model) is None or not is_linear(self._head_in(self.model)):
+            override = self._head_override if self._head_in(self.model, self._head_override) is not None else None
+            path = find_head(self.model, override)
+        self.head_path = path
+        self._head = self._head_in(self.model)
+
+    def _head_in(self, model: nn.Module, path: str | None | type(...) = ...) -> nn.Module | None:
+        path = self.head_path if path is ... else path
+        if path is None:
+            return None
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _check_requires(self) -> None:
+        for plugin in self.plugins:
+            for need in sorted(getattr(plugin, "requires", ())):
+                if need != "head":
+                    raise PluginError(f"{plugin!r} requires {need!r}, which is not a part streamcl knows "
+                                      "(known: 'head')")
+                self.require_head("the model's classifier head and its features", plugin)
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | Path | None = None, position: bool = False) -> Path:
@@ -316,3 +580,7 @@ class Strategy:
     @property
     def plugin_names(self) -> list[str]:
         return [plugin_name(p) for p in self.plugins]
+
+
+def _takes_task(model: nn.Module) -> bool:
+    return "task_labels" in inspect.signature(model.forward).parameters

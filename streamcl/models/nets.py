@@ -1,4 +1,4 @@
-"""Backbones with a head: ``forward(x)`` gives logits, ``forward(x, return_features=True)`` also features."""
+"""Backbones with a head: ``forward(x)`` gives ``head(backbone(x))``, the logits."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,10 +15,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone, self.head, self.feature_dim = backbone, head, feature_dim
 
-    def forward(self, x: Tensor, return_features: bool = False):
-        features = self.backbone(x)
-        logits = self.head(features)
-        return (logits, features) if return_features else logits
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
 
 
 def _head(feature_dim: int, n_classes: int, growing: bool) -> nn.Module:
