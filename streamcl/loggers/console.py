@@ -1,4 +1,5 @@
-"""Progress bars while training and the accuracy row after each evaluation, on the terminal."""
+"""Progress bars while training, the accuracy-matrix row after each evaluation (``-`` where not measured),
+and a line per periodic or validation evaluation, on the terminal."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import sys
 
 from tqdm import tqdm
 
+from streamcl.metrics import recording
 from streamcl.plugin import hookimpl
 
 
@@ -44,12 +46,26 @@ class ConsoleLogger:
 
     @hookimpl
     def after_eval(self, strategy) -> None:
-        row = " ".join(f"{c.accuracy:.3f}" for c in strategy.eval_results)
-        mean = sum(c.accuracy for c in strategy.eval_results) / max(len(strategy.eval_results), 1)
-        print(f"  accuracy per experience: {row}  (mean {mean:.3f})", file=self.stream)
+        results = strategy.eval_results
+        if not recording(strategy):  # a periodic or validation evaluation: its own line, not the matrix's
+            mean = sum(c.accuracy for c in results) / max(len(results), 1)
+            tqdm.write(f"  periodic evaluation (epoch {strategy.epoch}, step {strategy.global_step}): "
+                       + " ".join(f"exp {c.experience} {c.accuracy:.3f}" for c in results)
+                       + f"  (mean {mean:.3f})", file=self.stream)
+            return
+        R = strategy.metrics.matrix
+        n = len(strategy.trained)
+        values = R[n - 1] if results and 0 < n <= len(R) else [c.accuracy for c in results]
+        known = [v for v in values if v is not None]
+        row = " ".join("-" if v is None else f"{v:.3f}" for v in values)
+        print(f"  accuracy per experience: {row}  (mean {sum(known) / max(len(known), 1):.3f})", file=self.stream)
 
     def close(self, strategy) -> None:
         summary = strategy.metrics.summary()
         if "final_accuracy" in summary:
-            print(f"final accuracy {summary['final_accuracy']:.4f}, average incremental accuracy "
-                  f"{summary['avg_incremental_accuracy']:.4f}", file=self.stream)
+            print(f"final accuracy {_fmt(summary['final_accuracy'])}, average incremental accuracy "
+                  f"{_fmt(summary['avg_incremental_accuracy'])}", file=self.stream)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -8,31 +8,40 @@ from pathlib import Path
 import torch
 
 from streamcl.loggers.base import run_hparams
+from streamcl.metrics import recording
 from streamcl.plugin import hookimpl
 
+GREY = (0.5, 0.5, 0.5)  # a cell of the matrix that was not measured
 
-def matrix_image(R: list[list[float]], cell: int = 24) -> torch.Tensor:
-    """R as a 3 x H x W heat map in [0, 1]: dark blue at accuracy 0, yellow at 1, one square per entry."""
-    values = torch.tensor(R, dtype=torch.float32).clamp(0, 1)
+
+def matrix_image(R: list[list[float | None]], cell: int = 24) -> torch.Tensor:
+    """R as a 3 x H x W heat map in [0, 1]: dark blue at accuracy 0, yellow at 1, grey where not measured
+    (``None``), one square per entry."""
+    missing = torch.tensor([[v is None for v in r] for r in R], dtype=torch.bool)
+    values = torch.tensor([[0.0 if v is None else v for v in r] for r in R], dtype=torch.float32).clamp(0, 1)
     low, high = torch.tensor([0.15, 0.05, 0.35]), torch.tensor([0.99, 0.9, 0.15])
     rgb = low[:, None, None] + (high - low)[:, None, None] * values[None]
+    rgb = torch.where(missing[None], torch.tensor(GREY)[:, None, None], rgb)
     return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
-def matrix_markdown(R: list[list[float]]) -> str:
+def matrix_markdown(R: list[list[float | None]]) -> str:
+    """R as a markdown table, one row per trained experience; "-" where not measured."""
     head = "| after \\ on | " + " | ".join(f"exp {j}" for j in range(len(R[0]))) + " |"
     rule = "|---" * (len(R[0]) + 1) + "|"
-    rows = [f"| exp {i} | " + " | ".join(f"{v:.3f}" for v in r) + " |" for i, r in enumerate(R)]
+    rows = [f"| exp {i} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in r) + " |" for i, r in enumerate(R)]
     return "\n".join([head, rule, *rows])
 
 
 class TensorBoardLogger:
     """Engine-owned plugin writing a TensorBoard run to ``log_dir``.
 
-    Scalars: ``loss/<term>`` and ``loss/total`` per iteration; ``accuracy/exp<j>``,
-    ``accuracy/mean``, ``accuracy/seen``, ``accuracy/old`` and ``accuracy/new`` per trained
-    experience. Images: ``accuracy_matrix``. Text: the hyper-parameters, the plugin list and the
-    matrix. HParams: the run's settings with its final metrics, when the run closes.
+    Scalars: ``loss/<term>`` and ``loss/total`` per iteration; ``accuracy/exp<j>`` (the cells
+    measured), ``accuracy/mean`` (their mean), ``accuracy/seen``, ``accuracy/old`` and
+    ``accuracy/new`` per trained experience (step: its row of the matrix); ``periodic/exp<j>`` and
+    ``periodic/mean`` at the global step, for evaluations that do not record (during training, or
+    ``record=False``). Images: ``accuracy_matrix``. Text: the hyper-parameters, the plugin list and
+    the matrix. HParams: the run's settings with its final metrics, when the run closes.
     """
 
     name = "tensorboard"
@@ -67,16 +76,25 @@ class TensorBoardLogger:
 
     @hookimpl
     def after_eval(self, strategy) -> None:
+        if not recording(strategy):
+            accuracy = {c.experience: c.accuracy for c in strategy.eval_results}
+            for j, acc in sorted(accuracy.items()):
+                self.writer.add_scalar(f"periodic/exp{j}", acc, strategy.global_step)
+            if accuracy:
+                self.writer.add_scalar("periodic/mean", sum(accuracy.values()) / len(accuracy), strategy.global_step)
+            self.writer.flush()
+            return
         summary = strategy.metrics.summary()
         R = summary["accuracy_matrix"]
-        if not R:
+        step = len(strategy.trained) - 1  # this evaluation's row
+        if not strategy.eval_results or not 0 <= step < len(R):
             return
-        step = len(R) - 1
-        for j, acc in enumerate(R[-1]):
+        known = [(j, acc) for j, acc in enumerate(R[step]) if acc is not None]
+        for j, acc in known:
             self.writer.add_scalar(f"accuracy/exp{j}", acc, step)
-        self.writer.add_scalar("accuracy/mean", sum(R[-1]) / len(R[-1]), step)
+        self.writer.add_scalar("accuracy/mean", sum(acc for _, acc in known) / len(known), step)
         for key in ("seen", "old", "new"):
-            value = summary[f"{key}_accuracy"][-1]
+            value = summary[f"{key}_accuracy"][step]
             if value is not None:
                 self.writer.add_scalar(f"accuracy/{key}", value, step)
         self.writer.add_image("accuracy_matrix", matrix_image(R), step)
