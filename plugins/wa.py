@@ -1,26 +1,26 @@
 """Weight aligning: the new classes' classifier rows rescaled to the old classes' mean norm after each experience."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
-from streamcl.models.heads import IncrementalLinear
 
 
-def linear_head(model: nn.Module, who: str) -> nn.Module:
-    """``model.head`` if it is a linear layer (``nn.Linear`` or a growing ``IncrementalLinear``), else a ConfigError."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, (nn.Linear, IncrementalLinear)):
-        found = "no .head" if head is None else f"a {type(head).__name__} .head"
-        raise ConfigError(f"{who} works on the rows of a linear classifier head, and {type(model).__name__} has "
-                          f"{found}; use a streamcl.models.Classifier (mlp or cnn) whose head is nn.Linear or "
-                          "IncrementalLinear")
-    return head
+def head_rows(strategy, who: str) -> nn.Parameter:
+    """The weight of ``strategy.head``, one row per class (an ``nn.Parameter`` of shape (out_features, features)),
+    else a ConfigError naming what the head lacks."""
+    head = strategy.head
+    weight = getattr(head, "weight", None)
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == head.out_features):
+        found = "no .weight" if weight is None else f"a .weight of type {type(weight).__name__}" + (
+            f" and shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else "")
+        raise ConfigError(f"{who} works on the rows of the classifier head's weight (one row per class), and the "
+                          f"head at {strategy.head_path!r} ({type(head).__name__}, {head.out_features} outputs) has "
+                          f"{found}; use a head with a weight parameter of shape (classes, features), such as "
+                          "nn.Linear, or name another layer with Strategy(head=...)")
+    return weight
 
 
 def aligning_factor(weight: Tensor, old: list[int], new: list[int]) -> float:
@@ -35,8 +35,9 @@ class WA(Plugin):
     Learning", CVPR, eq. 4-5).
 
     After each experience that brings classes not seen before (``new``) beside classes of earlier
-    experiences (``old``), the new classes' rows of the classifier head ``strategy.model.head`` (an
-    ``nn.Linear`` or :class:`~streamcl.models.IncrementalLinear`) are multiplied by
+    experiences (``old``), the new classes' rows of the classifier head's weight (``strategy.head``: the
+    model's linear head, whatever the model — ``nn.Linear``, :class:`~streamcl.models.IncrementalLinear`, or
+    any head with a ``weight`` parameter of one row per class) are multiplied by
 
         gamma = mean_{i in old} ||W_i|| / mean_{j in new} ||W_j||            (eq. 4, 5: W_new <- gamma W_new)
 
@@ -44,6 +45,7 @@ class WA(Plugin):
     classes not seen yet and the bias are left as they are (the paper's FC layer has no bias; here the
     bias of a new class is not rescaled, its logit is ``gamma <W_j, f> + b_j``). The first experience
     has no old classes, so nothing is aligned; a class that recurs (domain-incremental) counts as old.
+    A model whose head has no such weight is refused when the Strategy is built.
 
     ``clip=True`` (the paper's weight clipping, its default): after every optimizer step the head's weights
     are clipped to be non-negative (the features after a ReLU are), from the first experience on. It is
@@ -53,14 +55,16 @@ class WA(Plugin):
     0.69-0.95), no clip 0.781 (0.793 undone, gammas 0.82-1.12). Distillation (the paper's ``L_KD``) is
     another plugin's: the ``wa`` recipe lists :class:`~streamcl.plugins.distill.LwFDistill`.
 
-    :meth:`uncorrected` gives a context in which the last alignment is undone (the new rows divided by
-    the last gamma), restored exactly on exit. Every gamma applied is kept in ``gammas`` (experience
-    index, gamma), e.g. for logs. It owns the role ``architecture``: it reads and rescales the model's own
-    head as a plain linear layer, which plugins that replace the model or its head (hypernetwork,
-    progress & compress, cosine_head) take away.
+    ``set_correction(active=False)`` (the runner's evaluation of the uncorrected model, through
+    ``strategy.uncorrected()``) undoes the last alignment (the new rows divided by the last gamma);
+    ``active=True`` puts the aligned rows back exactly. Every gamma applied is kept in ``gammas``
+    (experience index, gamma) and logged as ``wa/factor``. It owns the role ``architecture``: plugins that
+    replace the model or generate its head (hypernetwork, progress & compress, cosine_head, DER) cannot run
+    beside it.
     """
 
     owns = frozenset({"architecture"})
+    requires = frozenset({"head"})
 
     def __init__(self, clip: bool = True):
         if not isinstance(clip, bool):
@@ -69,76 +73,57 @@ class WA(Plugin):
         self.clip = clip
         self.gammas: list[tuple[int, float]] = []  # (experience index, gamma) of every alignment
         self.last: dict | None = None  # the latest alignment: {"rows": new classes, "gamma": gamma}
-        self._strategy = None  # the strategy the hooks last saw, for uncorrected()
-        self._off = False  # inside uncorrected()
-        self._undone: tuple[nn.Module, Tensor, Tensor] | None = None  # (head, rows, their aligned values)
+        self._undone: tuple[nn.Parameter, Tensor, Tensor] | None = None  # (weight, rows, their aligned values)
+
+    @hookimpl
+    def setup(self, strategy) -> None:
+        head_rows(strategy, "wa")  # refuse a head without weight rows before any step
 
     # ------------------------------------------------------------------------------ training
     @hookimpl
-    def before_training_exp(self, strategy) -> None:
-        self._strategy = strategy
-        linear_head(strategy.model, "wa")  # refuse a model without a linear head before any step
-
-    @hookimpl
     def after_update(self, strategy) -> None:
         if self.clip:
-            head = linear_head(strategy.model, "wa")
             with torch.no_grad():
-                head.weight.clamp_(min=0)
+                head_rows(strategy, "wa").clamp_(min=0)
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
-        self._strategy = strategy
-        head = linear_head(strategy.model, "wa")
+        weight = head_rows(strategy, "wa")
         seen = {c for e in strategy.trained[:-1] for c in e.classes}  # trained[-1] is this experience
-        width = head.weight.shape[0]
+        width = weight.shape[0]
         old = sorted(c for c in seen if c < width)
         new = sorted(c for c in set(strategy.experience.classes) - seen if c < width)
         if not old or not new:
             return
-        gamma = aligning_factor(head.weight, old, new)
+        gamma = aligning_factor(weight, old, new)
         if not (0 < gamma < float("inf")):  # the new rows are all zero (clipped away): there is nothing to scale
             return
         with torch.no_grad():
-            rows = torch.tensor(new, device=head.weight.device)
-            head.weight[rows] = head.weight[rows] * gamma
+            rows = torch.tensor(new, device=weight.device)
+            weight[rows] = weight[rows] * gamma
         self.gammas.append((strategy.experience.index, gamma))
         self.last = {"rows": new, "gamma": gamma}
+        strategy.log("wa/factor", gamma)
 
     # ------------------------------------------------------------------------------ without the correction
-    @contextmanager
-    def uncorrected(self) -> Iterator[WA]:
-        """Within the context the head predicts as before the last alignment: its new rows divided by the
-        last gamma (from the strategy the hooks last saw, or at the next evaluation's ``before_eval``);
-        on exit the aligned rows are put back exactly."""
-        self._off = True
-        try:
-            if self._strategy is not None:
-                self._undo(self._strategy)
-            yield self
-        finally:
-            self._off = False
-            if self._undone is not None:
-                head, rows, aligned = self._undone
-                with torch.no_grad():
-                    head.weight[rows] = aligned
-                self._undone = None
-
     @hookimpl
-    def before_eval(self, strategy) -> None:
-        self._strategy = strategy
-        if self._off:
-            self._undo(strategy)
-
-    def _undo(self, strategy) -> None:
-        if self._undone is not None or self.last is None:
-            return
-        head = linear_head(strategy.model, "wa")
-        rows = torch.tensor(self.last["rows"], device=head.weight.device)
-        with torch.no_grad():
-            aligned = head.weight[rows].clone()
-            head.weight[rows] = aligned / self.last["gamma"]
-        self._undone = (head, rows, aligned)
+    def set_correction(self, strategy, active: bool) -> None:
+        """Off: the head predicts as before the last alignment (its new rows divided by the last gamma).
+        On: the aligned rows are put back exactly."""
+        if not active:
+            if self._undone is not None or self.last is None:
+                return
+            weight = head_rows(strategy, "wa")
+            rows = torch.tensor(self.last["rows"], device=weight.device)
+            with torch.no_grad():
+                aligned = weight[rows].clone()
+                weight[rows] = aligned / self.last["gamma"]
+            self._undone = (weight, rows, aligned)
+        elif self._undone is not None:
+            weight, rows, aligned = self._undone
+            with torch.no_grad():
+                weight[rows] = aligned
+            self._undone = None
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

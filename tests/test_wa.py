@@ -1,4 +1,5 @@
-"""Weight aligning: the factor and the rescaled rows on a hand-built head, clipping, uncorrected(), state."""
+"""Weight aligning: the factor and the rescaled rows on a hand-built head, clipping, set_correction, any model's
+head, refusals, state."""
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from streamcl.models.nets import Classifier
 from streamcl.plugins.distill import LwFDistill
 from streamcl.plugins.replay import Replay
 from streamcl.plugins.wa import WA, aligning_factor
+from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
 
 
@@ -29,9 +31,16 @@ def hand_head():
     return head
 
 
+def fake_strategy(head, trained=(), experience=None):
+    """What WA reads of a strategy: the head (and its path), the experiences, a log."""
+    logged = []
+    return SimpleNamespace(head=head, head_path="head", trained=list(trained), experience=experience, logged=logged,
+                           log=lambda name, value: logged.append((name, value)))
+
+
 def after_second_experience(plugin, head):
     e0, e1 = exp(0, [0, 1]), exp(1, [2, 3])
-    strategy = SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0, e1], experience=e1)
+    strategy = fake_strategy(head, [e0, e1], e1)
     plugin.after_training_exp(strategy=strategy)
     return strategy
 
@@ -43,12 +52,13 @@ def test_the_wa_factor_on_a_hand_built_head():
     # eq. 4: mean old norm (5 + 1) / 2 = 3, mean new norm (10 + 2) / 2 = 6, gamma = 3 / 6
     assert aligning_factor(head.weight, [0, 1], [2, 3]) == 0.5
     plugin = WA(clip=False)
-    after_second_experience(plugin, head)
+    strategy = after_second_experience(plugin, head)
     w = head.weight.detach()
     assert w[2].tolist() == [3.0, 4.0] and w[3].tolist() == [1.0, 0.0]  # eq. 5: gamma * W_new
     assert torch.equal(w[[0, 1, 4]], before[[0, 1, 4]])  # old rows and the unseen class's row untouched
     assert head.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # the bias is not rescaled
     assert plugin.gammas == [(1, 0.5)] and plugin.last == {"rows": [2, 3], "gamma": 0.5}
+    assert strategy.logged == [("wa/factor", 0.5)]
     # the aligned new rows have the old rows' mean norm
     assert w[[2, 3]].norm(dim=1).mean().item() == pytest.approx(w[[0, 1]].norm(dim=1).mean().item())
 
@@ -58,8 +68,7 @@ def test_an_irrational_factor_by_hand():
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 3.0]]))
     plugin = WA()
-    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head),
-                                                       trained=[exp(0, [0, 1]), exp(1, [2])], experience=exp(1, [2])))
+    plugin.after_training_exp(strategy=fake_strategy(head, [exp(0, [0, 1]), exp(1, [2])], exp(1, [2])))
     gamma = (math.sqrt(2) + 1) / 2 / 3
     assert plugin.gammas[0][1] == pytest.approx(gamma, rel=1e-12)
     assert head.weight[2].tolist() == pytest.approx([0.0, 3 * gamma], rel=1e-6)
@@ -70,16 +79,15 @@ def test_nothing_is_aligned_without_old_or_without_new_classes():
     before = head.weight.detach().clone()
     plugin = WA()
     e0 = exp(0, [0, 1])
-    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0], experience=e0))
+    plugin.after_training_exp(strategy=fake_strategy(head, [e0], e0))
     e1 = exp(1, [0, 1])  # the same classes again (domain-incremental): nothing new
-    plugin.after_training_exp(strategy=SimpleNamespace(model=SimpleNamespace(head=head), trained=[e0, e1],
-                                                       experience=e1))
+    plugin.after_training_exp(strategy=fake_strategy(head, [e0, e1], e1))
     assert torch.equal(head.weight.detach(), before) and plugin.gammas == [] and plugin.last is None
 
 
 def test_clipping_makes_the_head_weights_non_negative_after_each_update():
     head = hand_head()
-    strategy = SimpleNamespace(model=SimpleNamespace(head=head))
+    strategy = fake_strategy(head)
     WA(clip=False).after_update(strategy=strategy)
     assert head.weight[4, 0].item() == -7.0
     WA().after_update(strategy=strategy)  # clip=True is the default, as in the paper
@@ -97,31 +105,35 @@ def test_a_growing_head_is_aligned_too():
     assert head.weight[2:].tolist() == [[3.0, 4.0], [1.0, 0.0]]
 
 
-# ----------------------------------------------------------------------------- uncorrected()
-def test_uncorrected_divides_the_new_rows_back_and_restores_them_exactly():
+# ----------------------------------------------------------------------------- set_correction
+def test_correction_off_divides_the_new_rows_back_and_on_restores_them_exactly():
     head = hand_head()
     plugin = WA(clip=False)
     strategy = after_second_experience(plugin, head)
     aligned = head.weight.detach().clone()
-    with plugin.uncorrected():
-        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]  # W_new / gamma
-        assert torch.equal(head.weight[[0, 1, 4]], aligned[[0, 1, 4]])
-        plugin.before_eval(strategy=strategy)  # an evaluation inside the context divides only once
-        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    plugin.set_correction(strategy=strategy, active=False)
+    assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]  # W_new / gamma
+    assert torch.equal(head.weight[[0, 1, 4]], aligned[[0, 1, 4]])
+    plugin.set_correction(strategy=strategy, active=False)  # switched off twice: divided once
+    assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    plugin.set_correction(strategy=strategy, active=True)
+    assert torch.equal(head.weight.detach(), aligned)
+    plugin.set_correction(strategy=strategy, active=True)  # on twice: nothing more
     assert torch.equal(head.weight.detach(), aligned)
 
 
-def test_uncorrected_after_a_resume_divides_at_the_evaluation():
+def test_correction_off_after_a_resume_and_with_nothing_aligned():
     head = hand_head()
     done = WA(clip=False)
     strategy = after_second_experience(done, head)
     aligned = head.weight.detach().clone()
     fresh = WA(clip=False)
     fresh.load_state_dict(done.state_dict())  # a resumed run has seen no hook yet
-    with fresh.uncorrected():
-        assert torch.equal(head.weight.detach(), aligned)
-        fresh.before_eval(strategy=strategy)
-        assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    fresh.set_correction(strategy=strategy, active=False)
+    assert head.weight[2:4].tolist() == [[6.0, 8.0], [2.0, 0.0]]
+    fresh.set_correction(strategy=strategy, active=True)
+    assert torch.equal(head.weight.detach(), aligned)
+    WA().set_correction(strategy=strategy, active=False)  # no alignment yet: nothing to undo
     assert torch.equal(head.weight.detach(), aligned)
 
 
@@ -134,16 +146,18 @@ def build(plugins, n_classes=4, n_exp=2):
     return s, bench
 
 
+class Spy:
+    def __init__(self):
+        self.logits = []
+
+    @hookimpl
+    def after_eval_forward(self, strategy):
+        self.logits.append(strategy.output.logits.clone())
+
+
 def test_a_real_run_aligns_clips_and_uncorrected_changes_the_logits():
-    logits = []
-
-    class Spy:
-        @hookimpl
-        def after_eval_forward(self, strategy):
-            logits.append(strategy.output.logits.clone())
-
-    wa = WA()
-    s, bench = build([Replay(memory=20), LwFDistill(), wa, Spy()])
+    wa, spy = WA(), Spy()
+    s, bench = build([Replay(memory=20), LwFDistill(), wa, spy])
     s.train(bench.train_stream[0])
     assert wa.gammas == [] and bool((s.model.head.weight >= 0).all())
     s.train(bench.train_stream[1])
@@ -153,22 +167,55 @@ def test_a_real_run_aligns_clips_and_uncorrected_changes_the_logits():
     assert norms[[2, 3]].mean().item() == pytest.approx(norms[[0, 1]].mean().item(), rel=1e-5)
     weights = s.model.head.weight.detach().clone()
     s.eval(bench.test_stream)
-    n = len(logits)
-    with wa.uncorrected():
+    n = len(spy.logits)
+    assert s.corrects
+    with s.uncorrected():
         s.eval(bench.test_stream)
-    corrected, raw = torch.cat(logits[:n]), torch.cat(logits[n:])
+    corrected, raw = torch.cat(spy.logits[:n]), torch.cat(spy.logits[n:])
     assert torch.equal(corrected[:, :2], raw[:, :2]) and not torch.equal(corrected[:, 2:], raw[:, 2:])
     assert torch.equal(s.model.head.weight.detach(), weights)
 
 
+def test_the_one_liner_on_a_plain_sequential_aligns_its_last_linear():
+    torch.manual_seed(0)
+    model = sequential()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    wa = WA()
+    s = Strategy(model, opt, plugins=[Replay(memory=500), LwFDistill(), wa], batch_size=8, seed=0)
+    assert s.head is model[5]
+    bench = image_benchmark()
+    for e in bench.train_stream:
+        s.train(e)
+    (index, gamma), = wa.gammas
+    w = model[5].weight.detach()
+    assert index == 1 and bool((w >= 0).all()) and bool((model[3].weight < 0).any())  # only the head is clipped
+    assert w[[2, 3]].norm(dim=1).mean().item() == pytest.approx(w[[0, 1]].norm(dim=1).mean().item(), rel=1e-5)
+    assert 0 <= s.eval(bench.test_stream)["accuracy"][0] <= 1
+
+
 # ----------------------------------------------------------------------------- refusals and state
-def test_refusals():
+class RowlessHead(nn.Module):
+    """A linear head (in_features, out_features) whose weight is not one parameter of one row per class."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocks = nn.ParameterList([nn.Parameter(torch.zeros(out_features, 4)) for _ in range(in_features // 4)])
+
+    def forward(self, x):
+        return x @ torch.cat(list(self.blocks), 1).T
+
+
+def test_refusals_at_construction():
     with pytest.raises(ConfigError, match="clip"):
         WA(clip=1)
-    model = Classifier(nn.Flatten(), nn.Sequential(nn.Linear(8, 4)), 8)
-    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[WA()], batch_size=16, seed=0)
-    with pytest.raises(ConfigError, match="linear classifier head"):
-        s.train(tiny_benchmark(4, 2).train_stream[0])
+    model = Classifier(nn.Flatten(), RowlessHead(8, 4), 8)
+    with pytest.raises(ConfigError, match=r"rows of the classifier head's weight.*'head' \(RowlessHead, 4 outputs\) "
+                                          r"has no \.weight"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[WA()], batch_size=16, seed=0)
+    no_head = nn.Sequential(nn.Flatten(), nn.ReLU())
+    with pytest.raises(ConfigError, match=r"WA\(\) needs the model's classifier head"):
+        Strategy(no_head, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), plugins=[WA()], seed=0)
     from streamcl.plugins.cosine_head import CosineHead  # replaces the head: refused by role
     with pytest.raises(PluginError, match="architecture"):
         build([CosineHead(), WA()])
