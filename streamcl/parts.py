@@ -6,7 +6,7 @@ The engine finds the head once per model (and again when a plugin changes the mo
 2. timm's ``get_classifier()``;
 3. an attribute ``head``, ``fc``, ``classifier`` or ``heads`` (torchvision, timm, streamcl): the module itself
    when it is linear, else the last linear module inside it;
-4. for an ``nn.Sequential``, its last linear module.
+4. for an ``nn.Sequential``, its last linear module; a model that is one linear layer is its own head (``""``).
 
 A module is *linear* when it is an ``nn.Linear`` or has integer ``in_features`` and ``out_features``
 (streamcl's growing and cosine heads). The features are the head's input, read by a forward pre-hook
@@ -70,7 +70,7 @@ def find_head(model: nn.Module, path: str | None = None) -> str | None:
             found = _last_linear(sub, name)
             if found is not None:
                 return found
-    if isinstance(model, nn.Sequential):
+    if isinstance(model, nn.Sequential) or is_linear(model):  # "" when the model is a single linear layer
         return _last_linear(model, "")
     return None
 

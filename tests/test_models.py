@@ -15,8 +15,9 @@ def test_incremental_linear_grows_keeping_old_rows():
 
 def test_models_shapes_and_features():
     x = torch.randn(6, 784)
-    logits, feats = MLP()(x, return_features=True)
-    assert logits.shape == (6, 10) and feats.shape == (6, 256)
+    mlp = MLP()
+    logits, feats = mlp(x), mlp.backbone(x)
+    assert logits.shape == (6, 10) and feats.shape == (6, 256) and torch.equal(mlp.head(feats), logits)
     assert SmallCNN()(x).shape == (6, 10)
     assert SmallCNN()(x.reshape(6, 1, 28, 28)).shape == (6, 10)
     m = MLP(784, [32], growing=True)
