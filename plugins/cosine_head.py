@@ -7,11 +7,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from torch.utils.data import default_collate
+
 from streamcl import Plugin, hookimpl
+from streamcl.batch import Batch
 from streamcl.errors import ConfigError
-from streamcl.models.heads import IncrementalLinear
-from streamcl.plugins.nme import class_means
-from streamcl.scenarios import as_batch
+from streamcl.parts import replace_module
+from streamcl.scenarios import TensorData, as_batch
 
 
 class CosineLinear(nn.Module):
@@ -50,40 +52,101 @@ class CosineLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={learned}"
 
 
+def mean_directions(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The classes present in ``labels`` (ascending) and, for each, the normalised mean of its samples' normalised
+    ``features`` (iCaRL's class means, LUCIR's imprinted weights, COIL's prototypes)."""
+    phi = F.normalize(features.float().flatten(1), dim=1)
+    classes, index = torch.unique(labels, sorted=True, return_inverse=True)
+    sums = torch.zeros(len(classes), phi.shape[1], device=phi.device).index_add_(0, index, phi)
+    counts = torch.bincount(index, minlength=len(classes)).to(phi)
+    return classes, F.normalize(sums / counts[:, None], dim=1)
+
+
+def final_relu(strategy, sample: Batch) -> str | None:
+    """The path of the ``nn.ReLU`` module whose output is the head's input, found by running the model on ``sample``:
+    the head must be called once, and the ReLU module called once and registered at one path (so that replacing it
+    removes that one ReLU and no other). ``None`` when there is none (a functional ``relu``, another activation, a
+    pooling or normalisation between them)."""
+    head, model = strategy.head, strategy.model
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.ReLU):
+            paths.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    if not modules:
+        return None
+    inputs: list[Tensor] = []
+    outputs: dict[int, list[Tensor]] = {key: [] for key in modules}
+
+    def keep_output(key):
+        return lambda _module, _args, out: outputs[key].append(out)
+
+    handles = [head.register_forward_pre_hook(lambda _module, args: inputs.append(args[0] if args else None))]
+    handles += [m.register_forward_hook(keep_output(key)) for key, m in modules.items()]
+    try:
+        strategy.infer(sample, adapt=False, batch_size=len(sample))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+        return None
+    x = inputs[0]
+    feeding = [key for key, outs in outputs.items() if len(outs) == 1 and isinstance(outs[0], Tensor)
+               and (outs[0] is x or (outs[0].data_ptr() == x.data_ptr() and outs[0].numel() == x.numel()))]
+    if len(feeding) != 1 or len(paths[feeding[0]]) != 1:
+        return None
+    return paths[feeding[0]][0]
+
+
+def first_sample(dataset) -> Batch:
+    """The first sample of ``dataset`` as a Batch of one (no DataLoader: no draw from the global generator)."""
+    if isinstance(dataset, TensorData):
+        return Batch(dataset.x[:1], dataset.y[:1], dataset.t[:1])
+    return Batch.from_sample(default_collate([dataset[0]]))
+
+
 class CosineHead(Plugin):
     """Cosine normalisation and weight imprinting (Hou et al. 2019, "Learning a Unified Classifier
     Incrementally via Rebalancing" (LUCIR), CVPR, cosine normalisation, eq. 4).
 
-    At the first experience ``adapt_model`` replaces ``model.head`` (an ``nn.Linear`` or a growing
-    :class:`~streamcl.models.IncrementalLinear`, e.g. the MLP's 256 -> 10) by a :class:`CosineLinear`
-    with the same weight rows and no bias: the logits become ``eta * <w_bar_c, f_bar(x)>`` (eq. 4), with
-    ``eta`` one learnable scalar starting at ``scale`` (1, as in the authors' code; ``learn_scale=False``
-    keeps it fixed). Every row of the head stays (the protocol's head has all 10 outputs from the start);
-    a growing head keeps growing, its new rows drawn from ``strategy.generator`` as ``nn.Linear`` draws them.
+    At the first experience ``adapt_model`` puts in the place of the model's classifier head (``strategy.head``,
+    found for any model: the MLP's 256 -> 10, a plain ``nn.Sequential``'s last ``nn.Linear``, ResNet's ``fc``,
+    a ViT's ``head``) a :class:`CosineLinear` with the same weight rows and no bias (``strategy.set_head``; the
+    optimizer follows): the logits become ``eta * <w_bar_c, f_bar(x)>`` (eq. 4), with ``eta`` one learnable
+    scalar starting at ``scale`` (1, as in the authors' code; ``learn_scale=False`` keeps it fixed). Every row
+    of the head stays (the protocol's head has all 10 outputs from the start); when later classes need more
+    outputs (a growing head), new rows are drawn from ``strategy.generator`` as ``nn.Linear`` draws them.
+    A head without a weight of one row per class is refused when the Strategy is built.
 
     Imprinting (``imprint=True``; LUCIR's initialisation of new-class weights, after Qi et al. 2018,
     "Low-Shot Learning with Imprinted Weights"): at ``before_training_exp`` of every experience after the
     first, the row of each class of the experience not seen before is set to the normalised mean of the
-    normalised features of its training samples (``model(x, return_features=True)``, eval mode), times
+    normalised features of its training samples (``strategy.embed``: the head's input, eval mode), times
     the mean norm of the rows of the classes seen before (as the authors' code does; the norm sets how
-    fast SGD turns the row).
-    The momentum of those rows is cleared, so the first step starts from the imprinted direction.
+    fast SGD turns the row). The optimizer's running state of those rows is cleared
+    (``strategy.forget_momentum``), so the first step starts from the imprinted direction.
 
-    ``drop_last_relu=True`` turns a final ``nn.ReLU`` of an ``nn.Sequential`` ``model.backbone`` (the
-    MLP's) into ``nn.Identity``, as LUCIR removes the last ReLU of its ResNet so that features, and so
-    the cosines, can be negative (the authors' code; the features other plugins see change with it).
+    ``drop_last_relu=True`` turns the ``nn.ReLU`` module whose output is the head's input into ``nn.Identity``,
+    as LUCIR removes the last ReLU of its ResNet so that features, and so the cosines, can be negative (the
+    authors' code; the features other plugins see change with it). That ReLU is found by running the model
+    on one sample of the first experience (:func:`final_relu`): the MLP's last ``backbone`` ReLU, the ReLU right
+    before a plain ``nn.Sequential``'s last Linear. Where no such module feeds the head — torchvision's ResNet
+    (pooling between), a ViT (normalisation), a ``relu`` called as a function, a ReLU module used twice — the
+    model is left as it is; ``dropped_relu`` says which path was replaced (``None``: none).
 
     Defaults are the paper's; on SFM-5 (Replay-500 + the three LUCIR parts, seed 0) neither choice
     matters much: 0.796 as is, 0.795 keeping the ReLU, 0.797 without imprinting.
 
     It owns the roles ``classifier_head`` (it replaces the head: one plugin per strategy may) and
-    ``architecture`` (plugins that rebuild or cut the model's own layers, and read its head as a plain
-    linear layer: progress & compress, hypernetwork, latent replay, cannot run beside it). Beside
+    ``architecture`` (plugins that rebuild or cut the model's own layers, or read its head as a plain
+    linear layer: progress & compress, hypernetwork, latent replay, WA, COIL, cannot run beside it). Beside
     :class:`~streamcl.plugins.nme.NMEClassifier` (role ``classifier``) it trains the features and the
     nearest-mean rule predicts at evaluation.
     """
 
     owns = frozenset({"classifier_head", "architecture"})
+    requires = frozenset({"head"})
 
     def __init__(self, scale: float = 1.0, learn_scale: bool = True, imprint: bool = True,
                  drop_last_relu: bool = True):
@@ -95,27 +158,34 @@ class CosineHead(Plugin):
         self.scale, self.learn_scale = float(scale), learn_scale
         self.imprint, self.drop_last_relu = imprint, drop_last_relu
         self.classes: list[int] = []  # classes of the experiences trained so far, in order of arrival
-        self.growing = False  # the head it replaced grew with the classes, so this one grows too
+        self.dropped_relu: str | None = None  # the path of the ReLU module replaced by nn.Identity, if any
+
+    @hookimpl
+    def setup(self, strategy) -> None:
+        head = strategy.head
+        weight = getattr(head, "weight", None)
+        if not (isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == head.out_features):
+            raise ConfigError(f"cosine_head starts from the classifier head's weight rows (one per class), and the "
+                              f"head at {strategy.head_path!r} ({type(head).__name__}) has "
+                              f"{'no .weight' if weight is None else 'a .weight of another shape'}; use a head "
+                              "such as nn.Linear, or name another layer with Strategy(head=...)")
 
     # ------------------------------------------------------------------------------ the head
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
-        head = getattr(model, "head", None)
+        head = strategy.head
         if isinstance(head, CosineLinear):
-            if self.growing:
-                self._grow(strategy, head, experience)
+            self._grow(strategy, head, experience)
             return model
-        if not isinstance(head, (nn.Linear, IncrementalLinear)):
-            raise ConfigError(f"cosine_head replaces a linear head: {type(model).__name__} has "
-                              f"{'no .head' if head is None else 'a ' + type(head).__name__ + ' .head'}; use a "
-                              "streamcl.models.Classifier (mlp or cnn) and list cosine_head before plugins that "
-                              "replace the model")
-        self.growing = isinstance(head, IncrementalLinear)
-        model.head = CosineLinear(head.weight, self.scale, self.learn_scale)
-        backbone = getattr(model, "backbone", None)
-        if self.drop_last_relu and isinstance(backbone, nn.Sequential) and isinstance(backbone[-1], nn.ReLU):
-            backbone[-1] = nn.Identity()
-        return model
+        if model is not strategy.model:
+            raise ConfigError("cosine_head replaces the head of strategy.model, and a plugin before it in the list "
+                              "returned another model; list cosine_head first")
+        if self.drop_last_relu:
+            self.dropped_relu = final_relu(strategy, first_sample(experience.dataset))
+            if self.dropped_relu is not None:
+                replace_module(strategy.model, self.dropped_relu, nn.Identity())
+        strategy.set_head(CosineLinear(head.weight, self.scale, self.learn_scale))
+        return strategy.model
 
     @staticmethod
     @torch.no_grad()
@@ -135,18 +205,16 @@ class CosineHead(Plugin):
         new = [c for c in exp.classes if c not in self.classes]
         if not (self.imprint and self.classes and new):
             return
-        head = getattr(strategy.model, "head", None)
+        head = strategy.head
         if not isinstance(head, CosineLinear):
-            raise ConfigError("cosine_head: strategy.model.head is no longer its cosine head; another plugin "
-                              "replaced it, and a strategy takes one plugin per head")
+            raise ConfigError(f"cosine_head: the classifier head at {strategy.head_path!r} is no longer its cosine "
+                              "head; another plugin replaced it, and a strategy takes one plugin per head")
         data = as_batch(exp.dataset, strategy.device)
-        keep = torch.isin(data.y, torch.tensor(new, device=data.y.device))
-        classes, means = class_means(strategy.model, data.select(keep))
+        part = data.select(torch.isin(data.y, torch.tensor(new, device=data.y.device)))
+        classes, means = mean_directions(strategy.embed(part), part.y)
         self.imprint_rows(head, classes, means, self.classes)
-        state = strategy.optimizer.state.get(head.weight, {})
-        buffer = state.get("momentum_buffer")
-        if buffer is not None:  # stale momentum of the rows' earlier (untrained) life would turn them at once
-            buffer[classes.to(buffer.device)] = 0
+        # stale momentum of the rows' earlier (untrained) life would turn them at once
+        strategy.forget_momentum(head.weight, rows=classes[classes < head.out_features].to(head.weight.device))
 
     @staticmethod
     @torch.no_grad()
@@ -164,7 +232,7 @@ class CosineHead(Plugin):
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"classes": list(self.classes), "growing": self.growing}
+        return {"classes": list(self.classes), "dropped_relu": self.dropped_relu}
 
     def load_state_dict(self, state: dict) -> None:
-        self.classes, self.growing = list(state["classes"]), bool(state["growing"])
+        self.classes, self.dropped_relu = list(state["classes"]), state.get("dropped_relu")

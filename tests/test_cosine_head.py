@@ -1,4 +1,5 @@
-"""CosineHead (LUCIR eq. 4 and imprinting) against hand computations; refusals."""
+"""CosineHead (LUCIR eq. 4 and imprinting) against hand computations; the head and last ReLU of any model;
+refusals."""
 import math
 from types import SimpleNamespace
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from streamcl import ConfigError, PluginError, Strategy, TensorData
+from streamcl import Batch, ConfigError, PluginError, Strategy, TensorData
 from streamcl.models import MLP, Classifier
-from streamcl.plugins.cosine_head import CosineHead, CosineLinear
+from streamcl.plugins.cosine_head import CosineHead, CosineLinear, final_relu, mean_directions
 from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
+from tests.conftest import image_benchmark, resnet18, sequential
 from tests.synthetic import tiny_benchmark
 
 
@@ -49,46 +51,109 @@ def test_outputs_lie_in_minus_scale_to_scale():
 
 
 def test_adapt_model_replaces_the_head_keeps_every_row_and_learns_the_scale():
-    s, bench = build([Replay(memory=12), CosineHead()])
+    cosine = CosineHead()
+    s, bench = build([Replay(memory=12), cosine])
     rows = s.model.head.weight.detach().clone()
     s.train(bench.train_stream[0])
     head = s.model.head
     assert isinstance(head, CosineLinear) and head.out_features == 6 and head.in_features == 16
-    assert isinstance(s.model.backbone[-1], nn.Identity)  # LUCIR's last ReLU removed
+    assert s.head is head and s.head_path == "head"
+    assert isinstance(s.model.backbone[-1], nn.Identity) and cosine.dropped_relu == "backbone.2"  # LUCIR's last ReLU
     trained = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
     assert id(head.scale) in trained and id(head.weight) in trained
     assert head.scale.item() != 1.0  # it learned from 1
     assert not torch.equal(head.weight.detach()[:2], rows[:2])  # trained rows moved
-    x = bench.test_stream[0].dataset.x
-    logits, features = s.model(x, return_features=True)
-    assert logits.abs().max() <= head.scale.abs().item() * (1 + 1e-6)
-    assert torch.allclose(logits, head.scale * head.cosine(features))
+    data = bench.test_stream[0].dataset
+    out = s.infer(Batch(data.x, data.y, data.t))
+    assert out.raw.abs().max() <= head.scale.abs().item() * (1 + 1e-6)
+    assert torch.allclose(out.raw, head.scale * head.cosine(out.features))
+    assert (out.features < 0).any()  # no ReLU before the head any more
     kept = build([CosineHead(drop_last_relu=False)])[0]
     kept.train(bench.train_stream[0])
     assert isinstance(kept.model.backbone[-1], nn.ReLU)
 
 
+# ----------------------------------------------------------------------------- any model: the head and the last ReLU
+def test_a_plain_sequential_gets_the_cosine_head_and_loses_the_relu_before_it():
+    torch.manual_seed(0)
+    model = sequential(4)
+    cosine = CosineHead()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=[Replay(memory=8), cosine],
+                 batch_size=8, seed=0)
+    linear = model[5].weight.detach().clone()
+    bench = image_benchmark()
+    cosine.adapt_model(strategy=s, model=s.model, experience=bench.train_stream[0])  # as train() calls it
+    assert isinstance(model[5], CosineLinear) and torch.equal(model[5].weight.detach(), linear)
+    assert isinstance(model[4], nn.Identity) and isinstance(model[2], nn.ReLU) and cosine.dropped_relu == "4"
+    assert s.head is model[5] and any(p is model[5].scale for g in s.optimizer.param_groups for p in g["params"])
+    for e in bench.train_stream:
+        s.train(e)
+    assert 0 <= s.eval(bench.test_stream)["accuracy"][0] <= 1
+
+
+class TwiceReLU(nn.Module):
+    """One ReLU module called twice, the second time right before the head: dropping it would drop both."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.act, self.head = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.act(self.body(self.act(x))))
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("make,shape,found", [
+    (lambda: MLP(8, [16, 16], 4), (1, 8), "backbone.4"), (lambda: sequential(4), (1, 1, 28, 28), "4"),
+    (resnet18, (1, 1, 28, 28), None),  # avgpool between its last ReLU and fc
+    (TwiceReLU, (1, 8), None), (FunctionalReLU, (1, 8), None)],
+    ids=["mlp", "sequential", "resnet18", "relu-twice", "functional"])
+def test_the_relu_whose_output_is_the_heads_input_is_found_or_none(make, shape, found):
+    torch.manual_seed(0)
+    model = make()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+    one = Batch(torch.randn(shape), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert final_relu(s, one) == found
+
+
 # ----------------------------------------------------------------------------- imprinting
-class Identity(Classifier):
-    def __init__(self, weight):
-        super().__init__(nn.Identity(), nn.Linear(weight.shape[1], weight.shape[0], bias=False), weight.shape[1])
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
+def test_mean_directions_by_hand():
+    # class 2: unit features (1, 0), (0, 1) -> mean direction (1, 1)/sqrt(2); class 0: (0, -3) -> (0, -1)
+    classes, means = mean_directions(torch.tensor([[2.0, 0.0], [0.0, -3.0], [0.0, 0.5]]), torch.tensor([2, 0, 2]))
+    assert classes.tolist() == [0, 2]
+    assert torch.allclose(means, torch.tensor([[0.0, -1.0], [2 ** -0.5, 2 ** -0.5]]), atol=1e-6)
+
+
+def identity_strategy(weight):
+    """A strategy on a model whose features are its inputs, with the cosine head in place and momentum of ones."""
+    model = Classifier(nn.Identity(), nn.Linear(weight.shape[1], weight.shape[0], bias=False), weight.shape[1])
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    plugin = CosineHead()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=[plugin], seed=0)
+    plugin.adapt_model(strategy=s, model=s.model, experience=SimpleNamespace(
+        dataset=TensorData(torch.zeros(1, weight.shape[1]), torch.zeros(1)), classes=[0]))
+    s.optimizer.state[s.head.weight]["momentum_buffer"] = torch.ones_like(weight)
+    return s, plugin
 
 
 def imprint(old_rows, x, y, classes, seen):
     w = torch.zeros(4, 2)
     w[: len(old_rows)] = torch.tensor(old_rows)
     w[2:] = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
-    model = Identity(w)
-    plugin = CosineHead()
-    model = plugin.adapt_model(SimpleNamespace(), model, None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    optimizer.state[model.head.weight]["momentum_buffer"] = torch.ones(4, 2)
+    s, plugin = identity_strategy(w)
     plugin.classes = list(seen)
-    exp = SimpleNamespace(dataset=TensorData(torch.tensor(x), torch.tensor(y)), classes=classes)
-    plugin.before_training_exp(SimpleNamespace(experience=exp, model=model, device="cpu", optimizer=optimizer))
-    return model.head.weight.detach(), optimizer.state[model.head.weight]["momentum_buffer"]
+    s.experience = SimpleNamespace(dataset=TensorData(torch.tensor(x), torch.tensor(y)), classes=classes)
+    plugin.before_training_exp(strategy=s)
+    return s.head.weight.detach(), s.optimizer.state[s.head.weight]["momentum_buffer"]
 
 
 def test_new_rows_are_the_normalised_mean_of_normalised_features_times_the_old_norm():
@@ -161,7 +226,7 @@ def test_plugins_that_rebuild_the_model_and_a_second_head_are_refused_by_role():
         build([CosineHead(), CosineHead()])
 
 
-def test_a_model_without_a_linear_head_is_refused():
+def test_a_model_without_a_linear_head_or_without_weight_rows_is_refused_at_construction():
     class NoHead(nn.Module):
         def __init__(self):
             super().__init__()
@@ -171,7 +236,24 @@ def test_a_model_without_a_linear_head_is_refused():
             return self.body(x)
 
     model = NoHead()
-    bench = tiny_benchmark(6, 3)
-    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[CosineHead()], batch_size=16, seed=0)
-    with pytest.raises(ConfigError, match="cosine_head replaces a linear head"):
-        s.train(bench.train_stream[0])
+    with pytest.raises(ConfigError, match=r"CosineHead\(\) needs the model's classifier head"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[CosineHead()], batch_size=16, seed=0)
+
+    class Rowless(nn.Module):
+        in_features, out_features = 8, 6
+
+        def forward(self, x):
+            return x[:, :6]
+
+    model = Classifier(nn.Identity(), Rowless(), 8)
+    with pytest.raises(ConfigError, match=r"cosine_head starts from the classifier head's weight rows.*Rowless"):
+        Strategy(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), plugins=[CosineHead()], seed=0)
+
+
+def test_state_round_trip():
+    s, bench = build([CosineHead()])
+    plugin = s.plugins[0]
+    s.train(bench.train_stream[0])
+    copy = CosineHead()
+    copy.load_state_dict(plugin.state_dict())
+    assert copy.classes == [0, 1] and copy.dropped_relu == "backbone.2" and copy.classes is not plugin.classes
