@@ -27,9 +27,11 @@ class MarginRanking(Plugin):
     over the old-class samples ``N_o`` of the batch; the authors' code averages over the ``|N_o| K`` pairs,
     i.e. ``weight = 1 / K``). No old-class sample in the batch, or no new class: no term.
 
-    Scores: with :class:`~streamcl.plugins.cosine_head.CosineHead`, the cosine scores ``<w_bar_c, f_bar(x)>``
-    before the scale eta, in [-1, 1], as in the paper; with any other head, the model's own logits
-    (before ``adapt_logits``), where the margin ``m`` is in logit units. Defaults from the paper: ``K = 2``,
+    Scores: when the classifier head (``strategy.head``) is a :class:`~streamcl.plugins.cosine_head.CosineLinear`
+    (:class:`~streamcl.plugins.cosine_head.CosineHead`), the cosine scores ``<w_bar_c, f_bar(x)>`` of the features
+    (``output.features``, the head's input) before the scale eta, in [-1, 1], as in the paper; with any other head,
+    or a model without one, the model's own logits (``output.raw``, before ``adapt_logits``), where the margin
+    ``m`` is in logit units. So it runs on any model. Defaults from the paper: ``K = 2``,
     ``m = 0.5``, weight 1. It needs a plugin owning ``memory`` (the samples of old classes come from it)
     and owns ``margin_ranking``.
     """
@@ -70,10 +72,14 @@ class MarginRanking(Plugin):
 
     @staticmethod
     def scores(strategy, output) -> Tensor:
-        """The cosine scores of a :class:`CosineLinear` head, else the model's own logits."""
-        head = getattr(strategy.model, "head", None)
-        if isinstance(head, CosineLinear) and output.features is not None:
-            return head.cosine(output.features)
+        """The cosine scores of a :class:`CosineLinear` head on ``output.features``, else the model's own logits."""
+        if output.features is not None and strategy.head_path is not None:
+            try:
+                head = strategy.head
+            except ConfigError:  # a module named as the head that is not linear: no cosine scores
+                head = None
+            if isinstance(head, CosineLinear):
+                return head.cosine(output.features)
         return output.logits if output.raw is None else output.raw
 
     def state_dict(self) -> dict:

@@ -3,11 +3,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
+
 from streamcl import Batch, ConfigError, Output, Plugin, PluginError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.cosine_head import CosineHead, CosineLinear
 from streamcl.plugins.margin_ranking import MarginRanking
 from streamcl.plugins.replay import Replay
+from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
 
 # old classes 0, 1; new classes 2, 3, 4
@@ -18,11 +21,12 @@ SCORES = [[0.9, 0.1, 0.5, 0.7, -0.2],   # y = 0: top-2 new 0.7, 0.5 -> (0.5 - 0.
 LABELS = [0, 1, 3, 0]
 
 
-def term(plugin, scores=SCORES, labels=LABELS, classes=(2, 3, 4), model=None, features=None):
+def term(plugin, scores=SCORES, labels=LABELS, classes=(2, 3, 4), head=None, features=None):
     z = torch.tensor(scores, requires_grad=True)
     y = torch.tensor(labels)
     batch = Batch(torch.zeros(len(y), 3), y, torch.zeros_like(y))
-    strategy = SimpleNamespace(experience=SimpleNamespace(classes=list(classes)), model=model)
+    strategy = SimpleNamespace(experience=SimpleNamespace(classes=list(classes)), head=head,
+                               head_path=None if head is None else "head")
     return plugin.loss_terms(strategy=strategy, batch=batch, output=Output(z, features, z)), z
 
 
@@ -60,13 +64,20 @@ def test_k_margin_and_weight():
 
 def test_the_cosine_head_ranks_cosine_scores_before_the_scale():
     head = CosineLinear(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), scale=10.0)
-    model = SimpleNamespace(head=head)
     features = torch.tensor([[2.0, 0.0], [1.0, 3.0]])
     # sample 0, class 0: cos (1, 0, 0.7071); sample 1 is class 2 (new)
     plugin = plugin_after([0, 1], k=2)
-    terms, _ = term(plugin, scores=[[10.0, 0.0, 7.07], [0.0, 0.0, 0.0]], labels=[0, 2], classes=(2,), model=model,
+    terms, _ = term(plugin, scores=[[10.0, 0.0, 7.07], [0.0, 0.0, 0.0]], labels=[0, 2], classes=(2,), head=head,
                     features=features)
     assert terms["margin_ranking"].item() == pytest.approx(0.5 - 1.0 + 2 ** -0.5, rel=1e-5)
+
+
+def test_other_heads_and_models_without_a_head_rank_the_models_own_logits():
+    raw = torch.tensor([[1.0, 2.0]])
+    out = Output(raw + 100, torch.ones(1, 2), raw)  # logits after an adapt_logits differ from the raw ones
+    for head in (nn.Linear(2, 2), None):
+        strategy = SimpleNamespace(head=head, head_path=None if head is None else "fc")
+        assert MarginRanking.scores(strategy, out) is raw
 
 
 def test_no_old_class_no_old_sample_or_no_new_class_no_term():
@@ -107,6 +118,26 @@ def test_term_from_the_second_experience_on_replayed_samples(head):
     assert len(values) == 12 and min(values) >= 0
     if head:
         assert max(values) <= 2 * (0.5 + 2)  # K hinges of cosine scores
+
+
+def test_a_plain_sequential_with_the_cosine_head_ranks_cosine_scores():
+    torch.manual_seed(0)
+    model = sequential(4)
+    plugin, terms, seen = MarginRanking(), Terms(), []
+
+    class Check(Plugin):
+        @hookimpl
+        def after_forward(self, strategy):
+            seen.append(torch.equal(plugin.scores(strategy, strategy.output),
+                                    model[5].cosine(strategy.output.features)))
+
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[Replay(memory=8), CosineHead(), plugin, terms, Check()], batch_size=8, seed=0)
+    for exp in image_benchmark().train_stream:
+        s.train(exp)
+    assert isinstance(model[5], CosineLinear) and seen and all(seen)
+    values = [t["margin_ranking"] for t in terms.seen if "margin_ranking" in t]
+    assert values and 0 <= min(values) and max(values) <= 2 * (0.5 + 2)
 
 
 # ----------------------------------------------------------------------------- refusals
