@@ -20,7 +20,8 @@ class LessForget(Distill):
     The teacher is a frozen copy of ``strategy.model`` taken at ``before_training_exp`` of every
     experience after the first (as :class:`~streamcl.plugins.distill.Distill` takes it). On every
     training minibatch, replayed samples included (as in the authors' code), with ``f`` the model's
-    features (``model(x, return_features=True)``, the input of the head) and ``f*`` the teacher's,
+    features (``output.features``: the input of the classifier head, ``strategy.head``) and ``f*`` the
+    teacher's (``strategy.forward(batch, model=teacher)``: the same head's input in the copy),
 
         L_less_forget = lambda * mean_x (1 - <f*_bar(x), f_bar(x)>)      (eq. 6, bars: L2-normalised)
 
@@ -33,13 +34,15 @@ class LessForget(Distill):
     paper's CIFAR-100 value. The term lies in ``[0, 2 lambda]`` and its gradient in the features is
     ``lambda / |f|`` at most, so no ``lambda_base`` in the allowed range (finite, >= 0) makes it infinite.
 
-    Works with any model whose forward takes ``return_features=True``, with or without
+    Works with any model in which the engine finds a linear classifier head (``requires = {"head"}``: a model
+    without one is refused when the Strategy is built), with or without
     :class:`~streamcl.plugins.cosine_head.CosineHead`. It owns the role ``feature_distillation``; it may
     run beside a distiller of the logits (``logit_distillation``: LwF, iCaRL's BCE).
     """
 
     term = "less_forget"
     owns = frozenset({"feature_distillation"})
+    requires = frozenset({"head"})
 
     def __init__(self, lambda_base: float = 5.0, adaptive: bool = True):
         if (isinstance(lambda_base, bool) or not isinstance(lambda_base, (int, float)) or not math.isfinite(lambda_base)
@@ -61,17 +64,14 @@ class LessForget(Distill):
     def loss_terms(self, strategy, batch, output) -> dict[str, Tensor] | None:
         if self.teacher is None or self.lambda_base == 0:
             return None
-        if output.features is None:
-            raise ConfigError(f"less_forget distils the model's features: {type(strategy.model).__name__}.forward "
-                              "must take return_features=True and return (logits, features)")
         with torch.no_grad():
-            target = self._teacher_features(batch)
+            target = strategy.forward(batch, model=self.teacher, adapt=False).features
+        if output.features is None or target is None:
+            raise ConfigError(f"less_forget distils the features, the input of the classifier head at "
+                              f"{strategy.head_path!r}, and {type(strategy.model).__name__}'s forward does not call "
+                              "it; name the classifier layer with Strategy(head=...)")
         weight = self.weight_for(len(strategy.experience.classes))
         return {self.term: weight * less_forget(output.features, target)}
-
-    def _teacher_features(self, batch) -> Tensor:
-        kwargs = {"task_labels": batch.t} if self._takes_task else {}
-        return self.teacher(batch.x, return_features=True, **kwargs)[1]
 
 
 def less_forget(features: Tensor, teacher: Tensor) -> Tensor:

@@ -9,21 +9,22 @@ from torch import nn
 from streamcl import Batch, ConfigError, Output, Plugin, PluginError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.distill import LwFDistill
-from streamcl.plugins.less_forget import LessForget
+from streamcl.plugins.less_forget import LessForget, less_forget
 from streamcl.plugins.replay import Replay
+from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
 
 
 class FixedFeatures(nn.Module):
-    """A 'teacher' that answers the same features for any input."""
+    """A model (a 'teacher') whose head reads the same features for any input."""
 
     def __init__(self, features):
         super().__init__()
         self.register_buffer("features", torch.tensor(features))
+        self.head = nn.Linear(self.features.shape[1], 1)
 
-    def forward(self, x, return_features=False):
-        f = self.features[: len(x)]
-        return (f.sum(1, keepdim=True), f) if return_features else f.sum(1, keepdim=True)
+    def forward(self, x):
+        return self.head(self.features[: len(x)])
 
 
 def with_teacher(plugin, teacher_features, old_classes):
@@ -33,9 +34,12 @@ def with_teacher(plugin, teacher_features, old_classes):
 
 
 def term(plugin, student_features, classes):
+    """The term for a student with these features (and the engine's forward of the teacher), its features."""
     f = torch.tensor(student_features, requires_grad=True)
     batch = Batch(torch.zeros(len(f), 3), torch.zeros(len(f), dtype=torch.long), torch.zeros(len(f), dtype=torch.long))
-    strategy = SimpleNamespace(experience=SimpleNamespace(classes=classes), model=None)
+    model = FixedFeatures(student_features)
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin], seed=0)
+    strategy.experience = SimpleNamespace(classes=classes)
     terms = plugin.loss_terms(strategy=strategy, batch=batch, output=Output(f.sum(1, keepdim=True), f))
     return terms, f
 
@@ -142,9 +146,42 @@ def test_two_feature_distillers_are_refused_and_a_logit_distiller_runs_beside():
     assert {"lwf", "less_forget"} <= set(terms.seen[-1])
 
 
-def test_a_model_without_features_is_refused():
-    plugin = with_teacher(LessForget(), [[1.0, 0.0]], [0, 1])
-    batch = Batch(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    strategy = SimpleNamespace(experience=SimpleNamespace(classes=[2]), model=nn.Linear(3, 3))
-    with pytest.raises(ConfigError, match="return_features"):
-        plugin.loss_terms(strategy=strategy, batch=batch, output=Output(torch.zeros(1, 3), None))
+def test_a_model_without_a_head_is_refused_at_construction():
+    class NoHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = NoHead()
+    with pytest.raises(ConfigError, match=r"LessForget\(\) needs the model's classifier head"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[LessForget()], seed=0)
+
+
+def test_a_plain_sequential_distils_the_input_of_its_last_linear():
+    torch.manual_seed(0)
+    model = sequential(4)
+    plugin, hand, checked = LessForget(), [], []
+
+    class Check(Plugin):
+        @hookimpl
+        def after_forward(self, strategy):
+            if plugin.teacher is not None:  # the term by hand: both models' inputs of their last Linear
+                with torch.no_grad():
+                    own, target = model[:5](strategy.batch.x), plugin.teacher[:5](strategy.batch.x)
+                assert torch.allclose(own, strategy.output.features)
+                hand.append(plugin.weight_for(len(strategy.experience.classes)) * less_forget(own, target))
+
+        @hookimpl
+        def after_training_iteration(self, strategy):
+            if plugin.teacher is not None:
+                checked.append(strategy.loss_terms["less_forget"].item() == pytest.approx(hand[-1].item(), abs=1e-6))
+
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[Replay(memory=8), plugin, Check()], epochs=2, batch_size=8, seed=0)
+    for exp in image_benchmark().train_stream:
+        s.train(exp)
+    assert len(checked) == 4 and all(checked)  # 2 epochs of 2 minibatches in the second experience
+    assert abs(hand[0].item()) < 1e-6 and max(h.item() for h in hand) > 0
