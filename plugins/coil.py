@@ -1,7 +1,6 @@
 """COIL: optimal transport between old and new class prototypes, carried on the classifier both ways."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -13,8 +12,9 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
-from streamcl.plugins.distill import frozen, takes_task_labels, teacher_logits
-from streamcl.plugins.nme import class_means
+from streamcl.plugins.cosine_head import mean_directions
+from streamcl.plugins.distill import frozen
+from streamcl.plugins.wa import head_rows
 from streamcl.scenarios import as_batch
 
 
@@ -24,29 +24,29 @@ class COIL(Plugin):
     was not at hand; the forms and defaults below are those of the authors' code (MM21-Coil
     ``models/COIL.py``, PyCIL ``exps/coil.json``).
 
-    **Semantic mapping.** Class prototypes are normalised means of normalised features (as iCaRL's means):
-    old classes from the exemplars of the replay memory (``strategy.owner("memory").memory``), new classes
-    (those of the experience not seen before) from the experience's data, with the model as it is. The
-    cost between old prototype ``i`` and new prototype ``j`` is their Minkowski distance of order
-    ``cost_norm``; the plan ``T`` solves the entropy-regularised transport with uniform marginals
+    **Semantic mapping.** Class prototypes are normalised means of normalised features (as iCaRL's means; the
+    features are the classifier head's input, ``strategy.embed``): old classes from the exemplars of the replay
+    memory (``strategy.memory``), new classes (those of the experience not seen before) from the experience's data,
+    with the model as it is. The cost between old prototype ``i`` and new prototype ``j`` is their Minkowski
+    distance of order ``cost_norm``; the plan ``T`` solves the entropy-regularised transport with uniform marginals
     ``a = 1/|old|``, ``b = 1/|new|`` (POT's ``ot.sinkhorn``, log-domain, regulariser ``sinkhorn_reg``).
 
     **Prospective transport.** At ``before_training_exp`` (model not yet trained on the experience), the new
-    classes' head rows become the old rows carried by the plan, ``w_j = g * sum_i Tbar_ij w_i / ||w_i||`` with
-    ``Tbar = T / T.sum(0)`` (each new class a convex combination of old classes) and ``g`` calibrating their
-    mean norm to the old rows' mean norm; ``b_j = sum_i Tbar_ij b_i``; the momentum of those rows is cleared
-    (``init=False`` leaves the rows alone). During the first epoch the term
-    ``pt_weight * KL(softmax(zhat_new / T) || softmax(z_new / T))`` pulls the new classes' logits ``z_new``
-    towards those of the transported classifier ``zhat_new`` (the head with the transported rows, on the
-    sample's features; a fixed target).
+    classes' rows of the classifier head (``strategy.head``) become the old rows carried by the plan,
+    ``w_j = g * sum_i Tbar_ij w_i / ||w_i||`` with ``Tbar = T / T.sum(0)`` (each new class a convex combination of
+    old classes) and ``g`` calibrating their mean norm to the old rows' mean norm; ``b_j = sum_i Tbar_ij b_i``;
+    the momentum of those rows is cleared (``strategy.forget_momentum``; ``init=False`` leaves the rows alone).
+    During the first epoch the term ``pt_weight * KL(softmax(zhat_new / T) || softmax(z_new / T))`` pulls the new
+    classes' logits ``z_new`` towards those of the transported classifier ``zhat_new`` (the head with the
+    transported rows, on the sample's features; a fixed target).
 
-    **Retrospective transport.** From the second epoch on, the plan read the other way, ``T / T.sum(1)``,
-    carries the current new rows back to the old classes (same calibration, to the old rows' mean norm);
+    **Retrospective transport.** From the second epoch on, the plan read the other way, ``T / T.sum(1)``, carries
+    the current new rows back to the old classes (same calibration, to the old rows' mean norm);
     ``rt_weight * (e / E)^2 * KL(softmax(z'_old / T) || softmax(zhat_old / T))`` makes this transported
-    classifier, on the current features, predict what the model before the experience (a frozen copy)
-    predicted over the old classes; its gradient reaches the features only. ``e`` is the epoch (0-based),
-    ``E`` the number of epochs (so with one epoch there is no retrospective term); prototypes, plan and
-    transported rows are recomputed every ``refresh`` iterations of an epoch.
+    classifier, on the current features, predict what the model before the experience (a frozen copy,
+    ``strategy.forward(batch, model=teacher)``) predicted over the old classes; its gradient reaches the features
+    only. ``e`` is the epoch (0-based), ``E`` the number of epochs (so with one epoch there is no retrospective
+    term); prototypes, plan and transported rows are recomputed every ``refresh`` iterations of an epoch.
 
     Both terms are averaged over the whole minibatch (replayed samples included), logged as ``loss/coil``;
     each weight goes from 0 to 10 and ``T >= 1`` (weight 100 at ``T = 2`` diverges on SFM-5; 10 at 1 trains).
@@ -60,15 +60,17 @@ class COIL(Plugin):
     0.006 here (at ``sinkhorn_reg = 0.464`` our costs, 0.05-0.6, give a nearly uniform plan; 0.05: 0.789,
     0.02: 0.791). Replay-500 + COIL without LwF: 0.780.
 
-    It needs a plugin that owns ``memory`` and a model whose ``head`` is ``nn.Linear`` or
-    :class:`~streamcl.models.heads.IncrementalLinear` on the features that ``model(x, return_features=True)``
-    returns; other models are refused. It owns the role ``architecture`` (with the plugins that replace, cut
-    or rebuild the model's layers or head: cosine head, latent replay, progress & compress, hypernetwork),
-    since it reads and writes the head as a plain linear layer over the features of the inputs.
+    It runs on any model in which the engine finds a linear classifier head with a weight of one row per class
+    (``nn.Linear``, :class:`~streamcl.models.heads.IncrementalLinear`, ...; ``requires = {"head"}``); a model
+    without one, or a strategy without a plugin keeping a replay memory, is refused when the Strategy is built.
+    It owns the role ``architecture`` (with the plugins that replace, cut or rebuild the model's layers or head:
+    cosine head, WA, latent replay, progress & compress, hypernetwork, DER), since it reads and writes the
+    head's rows as those of a plain linear layer over the features.
     """
 
     owns = frozenset({"architecture"})
     needs = frozenset({"memory"})
+    requires = frozenset({"head"})
 
     def __init__(self, sinkhorn_reg: float = 0.464, cost_norm: float = 3.0, pt_weight: float = 1e-3,
                  rt_weight: float = 1e-3, temperature: float = 2.0, refresh: int = 30, init: bool = True):
@@ -95,20 +97,16 @@ class COIL(Plugin):
         self.forward_rows: tuple[Tensor, Tensor | None] | None = None  # transported rows for the new classes
         self.backward_rows: tuple[Tensor, Tensor | None] | None = None  # transported rows for the old classes
         self._new_data = None  # the experience's samples (not state: rebuilt from the experience)
-        self._takes_task = False
 
     # ------------------------------------------------------------------------------ checks
     @hookimpl
-    def before_training(self, strategy) -> None:
-        _head(strategy.model)
+    def setup(self, strategy) -> None:
+        _head(strategy)
         owner = strategy.owner("memory")
         if owner is None or not hasattr(owner, "memory"):
             raise ConfigError(f"COIL takes the old classes' prototypes from a replay memory, and {owner!r} keeps "
                               "none (.memory); list a replay plugin with it, e.g. plugins=[Replay(memory=500), "
                               "COIL()]")
-        if "return_features" not in inspect.signature(strategy.model.forward).parameters:
-            raise ConfigError(f"COIL needs the model's features: {type(strategy.model).__name__}.forward must take "
-                              "return_features=True and return (logits, features)")
 
     # ------------------------------------------------------------------------------ prospective transport
     @hookimpl
@@ -119,25 +117,23 @@ class COIL(Plugin):
         new = sorted(c for c in strategy.experience.classes if c not in self.old_classes)
         if not self.old_classes or not new or not self._solve(strategy, new):
             return
-        head = _head(strategy.model)
+        head = _head(strategy)
         weight, bias = _rows(head, self.old)
         self.forward_rows = transport_rows(weight, bias, self.plan, _mean_norm(weight))
         if self.init:
             with torch.no_grad():
-                for param, rows in zip((head.weight, head.bias), self.forward_rows):
+                for param, rows in zip((head.weight, _bias(head)), self.forward_rows):
                     if param is None:
                         continue
                     param[self.new.to(param.device)] = rows.to(param)
                     # momentum belongs to the values just replaced (the authors' code starts each task afresh)
-                    buf = strategy.optimizer.state.get(param, {}).get("momentum_buffer")
-                    if buf is not None:
-                        buf[self.new.to(buf.device)] = 0
+                    strategy.forget_momentum(param, rows=self.new.to(param.device))
         if self.rt_weight > 0:
             self._set_teacher(frozen(strategy.model))  # the plain module, before training on this experience
 
     def _solve(self, strategy, new: list[int]) -> bool:
         """Prototypes with the model as it is, then the plan; False if a side has no prototype."""
-        memory = strategy.owner("memory").memory
+        memory = strategy.memory
         if memory is None or len(memory) == 0:
             return False
         stored = memory.batch()
@@ -151,8 +147,9 @@ class COIL(Plugin):
             raise ConfigError(f"COIL computes prototypes from the memory's inputs, and {strategy.owner('memory')!r} "
                               f"stores samples of shape {tuple(stored.x.shape[1:])}, not the inputs' "
                               f"{tuple(self._new_data.x.shape[1:])}; use a replay memory of inputs (Replay)")
-        old, old_protos = class_means(strategy.model, stored.select(keep))
-        new, new_protos = class_means(strategy.model, self._new_data)
+        stored = stored.select(keep)
+        old, old_protos = mean_directions(strategy.embed(stored), stored.y)
+        new, new_protos = mean_directions(strategy.embed(self._new_data), self._new_data.y)
         cost = torch.cdist(old_protos.double(), new_protos.double(), p=self.cost_norm)
         self.plan, self.old, self.new = sinkhorn_plan(cost, self.sinkhorn_reg), old.cpu(), new.cpu()
         return True
@@ -163,9 +160,10 @@ class COIL(Plugin):
         if self.plan is None:
             return None
         if output.features is None:
-            raise ConfigError(f"COIL needs the model's features: {type(strategy.model).__name__}.forward must "
-                              "take return_features=True and return (logits, features)")
-        T, head = self.temperature, _head(strategy.model)
+            raise ConfigError(f"COIL needs the features, the input of the classifier head at {strategy.head_path!r}, "
+                              f"and {type(strategy.model).__name__}'s forward does not call it; name the classifier "
+                              "layer with Strategy(head=...)")
+        T, head = self.temperature, _head(strategy)
         logits = output.logits if output.raw is None else output.raw  # the model's own
         if strategy.epoch == 0:
             if self.pt_weight == 0:
@@ -181,7 +179,7 @@ class COIL(Plugin):
             self._refresh(strategy)
         old = self.old.to(logits.device)
         with torch.no_grad():
-            target = teacher_logits(self.teacher, batch, self._takes_task)[:, old]
+            target = strategy.forward(batch, model=self.teacher, adapt=False).raw[:, old]
         student = transported_logits(head, *self.backward_rows, output.features)
         return {"coil": weight * transport_kl(target, student, T)}
 
@@ -191,7 +189,7 @@ class COIL(Plugin):
         new = self.new.tolist()
         if not self._solve(strategy, new) or self.new.tolist() != new:
             raise TrainingError("COIL: the classes of the retrospective plan changed within an experience")
-        head = _head(strategy.model)
+        head = _head(strategy)
         new_w, new_b = _rows(head, self.new)
         old_w, _ = _rows(head, self.old)
         rows = transport_rows(new_w, new_b, self.plan.T, _mean_norm(old_w))
@@ -199,7 +197,6 @@ class COIL(Plugin):
 
     def _set_teacher(self, teacher: nn.Module | None) -> None:
         self.teacher = teacher
-        self._takes_task = teacher is not None and takes_task_labels(teacher)
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
@@ -280,20 +277,24 @@ def transport_kl(target: Tensor, student: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
 
 
-def _head(model: nn.Module) -> nn.Module:
-    from streamcl.models.heads import IncrementalLinear
-
-    head = getattr(model, "head", None)
-    if not isinstance(head, (nn.Linear, IncrementalLinear)):
-        raise ConfigError(f"COIL transports the rows of a linear classifier: the model must have a .head that is "
-                          f"nn.Linear or IncrementalLinear (streamcl.models.MLP, SmallCNN); {type(model).__name__}"
-                          f".head is {type(head).__name__ if head is not None else 'missing'}")
+def _head(strategy) -> nn.Module:
+    """``strategy.head``, refused (ConfigError) unless its weight has one row per class, its bias (if any) one value."""
+    head_rows(strategy, "COIL")
+    head = strategy.head
+    bias = getattr(head, "bias", None)
+    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == (head.out_features,)):
+        raise ConfigError(f"COIL transports the rows of the classifier head, and the bias of the head at "
+                          f"{strategy.head_path!r} ({type(head).__name__}) is not one parameter per class")
     return head
 
 
+def _bias(head: nn.Module) -> Tensor | None:
+    return getattr(head, "bias", None)
+
+
 def _rows(head: nn.Module, classes: Tensor) -> tuple[Tensor, Tensor | None]:
-    idx = classes.to(head.weight.device)
-    return head.weight.detach()[idx], None if head.bias is None else head.bias.detach()[idx]
+    idx, bias = classes.to(head.weight.device), _bias(head)
+    return head.weight.detach()[idx], None if bias is None else bias.detach()[idx]
 
 
 def _mean_norm(weight: Tensor) -> Tensor:

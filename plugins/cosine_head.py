@@ -13,6 +13,7 @@ from streamcl import Plugin, hookimpl
 from streamcl.batch import Batch
 from streamcl.errors import ConfigError
 from streamcl.parts import replace_module
+from streamcl.plugins.wa import head_rows
 from streamcl.scenarios import TensorData, as_batch
 
 
@@ -162,13 +163,7 @@ class CosineHead(Plugin):
 
     @hookimpl
     def setup(self, strategy) -> None:
-        head = strategy.head
-        weight = getattr(head, "weight", None)
-        if not (isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == head.out_features):
-            raise ConfigError(f"cosine_head starts from the classifier head's weight rows (one per class), and the "
-                              f"head at {strategy.head_path!r} ({type(head).__name__}) has "
-                              f"{'no .weight' if weight is None else 'a .weight of another shape'}; use a head "
-                              "such as nn.Linear, or name another layer with Strategy(head=...)")
+        head_rows(strategy, "cosine_head")  # it starts from the head's weight rows
 
     # ------------------------------------------------------------------------------ the head
     @hookimpl

@@ -1,7 +1,6 @@
 """COIL: Sinkhorn plan, prospective initialisation, both transport terms by hand; refusals; state."""
 import io
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +11,11 @@ from streamcl.models import MLP
 from streamcl.models.nets import Classifier
 from streamcl.plugins.coil import COIL, sinkhorn_plan, transport_kl, transport_rows, transported_logits
 from streamcl.plugins.latent_replay import LatentReplay
-from streamcl.plugins.nme import class_means
 from streamcl.plugins.replay import Replay
+from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
 from tests.test_distill import Fixed  # a teacher that answers the same logits for any input
+from tests.test_wa import RowlessHead  # a linear head without weight rows
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -79,7 +79,7 @@ class Rows(Plugin):
 
     @hookimpl
     def before_training_exp(self, strategy):
-        head = strategy.model.head
+        head = strategy.head
         buf = strategy.optimizer.state.get(head.weight, {}).get("momentum_buffer")
         self.seen.append((head.weight.detach().clone(), head.bias.detach().clone(),
                           None if buf is None else buf.clone()))
@@ -88,6 +88,13 @@ class Rows(Plugin):
         self.memory = None if memory is None else Batch(*(t.clone() for t in memory.batch()))
         if self.coil is not None:
             self.plans.append(None if self.coil.plan is None else self.coil.plan.clone())
+
+
+def prototypes(features, x, y, classes):
+    """By hand: per class, the normalised mean of the normalised features of its samples."""
+    with torch.no_grad():
+        phi = nn.functional.normalize(features(x), dim=1)
+    return torch.stack([nn.functional.normalize(phi[y == c].mean(0), dim=0) for c in classes])
 
 
 def test_prospective_initialisation_of_the_new_rows_in_a_run():
@@ -105,8 +112,8 @@ def test_prospective_initialisation_of_the_new_rows_in_a_run():
     model.load_state_dict(before.model)
     data = bench.train_stream[1].dataset
     assert sorted(before.memory.y.unique().tolist()) == [0, 1]
-    _, old_p = class_means(model, before.memory)
-    _, new_p = class_means(model, Batch(data.x, data.y, data.t))
+    old_p = prototypes(model.backbone, before.memory.x, before.memory.y, [0, 1])
+    new_p = prototypes(model.backbone, data.x, data.y, [2, 3])
     plan = sinkhorn_plan(torch.cdist(old_p.double(), new_p.double(), p=3.0), 0.464)
     assert torch.allclose(after.plans[1], plan, atol=1e-12)
     w1, b1, buf1 = after.seen[1]
@@ -145,8 +152,11 @@ def test_transport_kl_by_hand():
 
 
 def strategy_at(epoch, iteration=1, epochs=2):
-    model = Classifier(nn.Identity(), nn.Linear(2, 4), 2)  # features = inputs
-    return SimpleNamespace(model=model, epoch=epoch, epochs=epochs, iteration=iteration, n_current=1)
+    """A strategy at this point of training, on a model whose features are its inputs."""
+    model = Classifier(nn.Identity(), nn.Linear(2, 4), 2)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=epochs, seed=0)
+    s.epoch, s.iteration, s.n_current = epoch, iteration, 1
+    return s
 
 
 def coil_with(**kwargs):
@@ -234,24 +244,47 @@ def test_plugins_that_rebuild_the_model_are_refused_by_role():
         build([LatentReplay(), COIL()])
 
 
-class NoFeatures(nn.Module):
+class NoHead(nn.Module):
     def __init__(self):
         super().__init__()
-        self.head = nn.Linear(8, 6)
+        self.body = nn.Linear(8, 6)
 
     def forward(self, x):
-        return self.head(x)
+        return self.body(x)
 
 
 @pytest.mark.parametrize("model,match", [
-    (Classifier(nn.Linear(8, 4), nn.Sequential(nn.Linear(4, 6)), 4), "linear classifier"),
-    (nn.Linear(8, 6), "missing"),
-    (NoFeatures(), "return_features"),
+    (NoHead(), r"COIL\(\) needs the model's classifier head"),  # no head found
+    (Classifier(nn.Identity(), RowlessHead(8, 6), 8), r"COIL works on the rows of the classifier head's weight"),
 ])
-def test_a_model_without_a_linear_head_on_features_is_refused(model, match):
-    s, bench = build([Replay(memory=12), COIL()], model=model)
+def test_a_model_without_a_linear_head_with_weight_rows_is_refused_at_construction(model, match):
     with pytest.raises(ConfigError, match=match):
-        s.train(bench.train_stream[0])
+        build([Replay(memory=12), COIL()], model=model)
+
+
+def test_a_plain_sequential_transports_the_rows_of_its_last_linear():
+    torch.manual_seed(0)
+    model = sequential(4)
+    coil, before = COIL(pt_weight=1.0, rt_weight=1.0, refresh=1), Rows()
+    after = Rows(coil)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[Replay(memory=8), before, coil, after], epochs=2, batch_size=8, seed=0)
+    bench = image_benchmark()
+    s.train(bench.train_stream[0])
+    s.train(bench.train_stream[1])
+    assert coil.old.tolist() == [0, 1] and coil.new.tolist() == [2, 3]
+    frozen_model = sequential(4)  # the model before the experience; features: the input of its last Linear
+    frozen_model.load_state_dict(before.model)
+    old_p = prototypes(frozen_model[:5], before.memory.x, before.memory.y, [0, 1])
+    data = bench.train_stream[1].dataset
+    new_p = prototypes(frozen_model[:5], data.x[data.y >= 2], data.y[data.y >= 2], [2, 3])
+    plan = sinkhorn_plan(torch.cdist(old_p.double(), new_p.double(), p=3.0), 0.464)
+    assert torch.allclose(after.plans[1], plan, atol=1e-9)
+    w0, b0, _ = before.seen[1]
+    rows, bias = transport_rows(w0[:2], b0[:2], plan, w0[:2].norm(dim=1).mean())
+    w1, b1, _ = after.seen[1]
+    assert torch.allclose(w1[2:4], rows, atol=1e-6) and torch.allclose(b1[2:4], bias, atol=1e-6)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_the_largest_weights_in_range_stay_finite():

@@ -14,6 +14,7 @@ from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
 from tests.conftest import image_benchmark, resnet18, sequential
 from tests.synthetic import tiny_benchmark
+from tests.test_wa import RowlessHead  # a linear head without weight rows
 
 
 def build(plugins, n_classes=6, n_exp=3, seed=0, growing=False):
@@ -239,15 +240,9 @@ def test_a_model_without_a_linear_head_or_without_weight_rows_is_refused_at_cons
     with pytest.raises(ConfigError, match=r"CosineHead\(\) needs the model's classifier head"):
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[CosineHead()], batch_size=16, seed=0)
 
-    class Rowless(nn.Module):
-        in_features, out_features = 8, 6
-
-        def forward(self, x):
-            return x[:, :6]
-
-    model = Classifier(nn.Identity(), Rowless(), 8)
-    with pytest.raises(ConfigError, match=r"cosine_head starts from the classifier head's weight rows.*Rowless"):
-        Strategy(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), plugins=[CosineHead()], seed=0)
+    model = Classifier(nn.Identity(), RowlessHead(8, 6), 8)
+    with pytest.raises(ConfigError, match=r"cosine_head works on the rows of the classifier head's weight.*Rowless"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[CosineHead()], seed=0)
 
 
 def test_state_round_trip():
