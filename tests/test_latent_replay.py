@@ -6,6 +6,7 @@ from torch import nn
 from streamcl import Batch, ConfigError, Strategy
 from streamcl.models import MLP, Classifier
 from streamcl.plugins.latent_replay import LatentReplay
+from tests.conftest import USER_MODELS
 from tests.synthetic import tiny_benchmark
 
 
@@ -30,8 +31,19 @@ def snapshot(module):
 
 
 def test_default_cut_is_after_the_first_hidden_relu():
-    assert LatentReplay().split(MLP()) == 3  # [Flatten, Linear(784,256), ReLU | Linear(256,256), ReLU] + head
-    assert LatentReplay(layer=5).split(MLP()) == 5
+    # [Flatten, Linear(784,256), ReLU | Linear(256,256), ReLU] + head: latents are backbone[:3](x)
+    assert LatentReplay().find_cut(MLP(), "head") == "backbone.2"
+    assert LatentReplay(layer=5).find_cut(MLP(), "head") == "backbone.4"  # an int k: the k-th module's output
+    assert LatentReplay(layer="backbone.1").find_cut(MLP(), "head") == "backbone.1"
+
+
+@pytest.mark.parametrize("name,cut", [("mlp", "backbone.0"), ("sequential", "2"), ("resnet18", "layer4.0"),
+                                      ("vit", "norm_pre")])
+def test_the_default_cut_is_before_the_last_weight_layer_before_the_head_on_any_model(name, cut):
+    torch.manual_seed(0)
+    model = USER_MODELS[name]()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[LatentReplay()])
+    assert s.plugins[0].cut == cut
 
 
 def test_lower_layers_do_not_change_after_the_first_experience_and_upper_ones_do():
@@ -124,7 +136,7 @@ def test_memory_bytes_counts_latents_not_inputs():
         train(LatentReplay(memory_bytes=40))
 
 
-class NoSequential(nn.Module):
+class NoHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Linear(8, 4)
@@ -135,18 +147,108 @@ class NoSequential(nn.Module):
 
 def test_bad_configs_are_refused_clearly():
     for kwargs in ({"memory": 0}, {"memory": -3}, {"memory": None}, {"memory": 2.5}, {"layer": 0}, {"layer": 1.5},
-                   {"batch_size": 0}, {"lower_lr": -0.1}, {"lower_lr": float("nan")}, {"memory_bytes": 0}):
+                   {"layer": ""}, {"batch_size": 0}, {"lower_lr": -0.1}, {"lower_lr": float("nan")},
+                   {"memory_bytes": 0}):
         with pytest.raises(ConfigError):
             LatentReplay(**kwargs)
-    with pytest.raises(ConfigError, match="nn.Sequential .backbone"):
-        s = Strategy(NoSequential(), torch.optim.SGD(NoSequential().parameters(), lr=0.1), plugins=[LatentReplay()])
-        s.train(tiny_benchmark(4, 2).train_stream[0])
+    with pytest.raises(ConfigError, match="needs a classifier head to place the default cut.*layer='path.to.module'"):
+        Strategy(NoHead(), torch.optim.SGD(NoHead().parameters(), lr=0.1), plugins=[LatentReplay()])
     with pytest.raises(ConfigError, match="layer=9 is out of range.*1 to 5"):
-        train(LatentReplay(layer=9))
+        make(LatentReplay(layer=9))
+    with pytest.raises(ConfigError, match="layer='backbone.7': MLP has no module there; its modules include backbone"):
+        make(LatentReplay(layer="backbone.7"))
+    with pytest.raises(ConfigError, match="layer='head' holds or is MLP's classifier head"):
+        make(LatentReplay(layer="head"))
     flat = Classifier(nn.Sequential(nn.Flatten()), nn.Linear(8, 4), 8)
-    with pytest.raises(ConfigError, match="no nn.Linear"):
-        Strategy(flat, torch.optim.SGD(flat.parameters(), lr=0.1), plugins=[LatentReplay()]).train(
-            tiny_benchmark(4, 2).train_stream[0])
+    with pytest.raises(ConfigError, match="no layer with a weight matrix before its classifier head"):
+        Strategy(flat, torch.optim.SGD(flat.parameters(), lr=0.1), plugins=[LatentReplay()])
+
+
+# ------------------------------------------------------------------------------ models that are not a chain
+class Reshaping(nn.Module):
+    """Work between its modules in forward (a learned shift, a reshape, functional ReLUs), as ResNet's flatten
+    and ViT's class token: chain 'a', 'norm', 'b', 'fc'; the default cut is 'norm' (before 'b')."""
+
+    def __init__(self, n_classes=6):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(8))
+        self.a, self.norm, self.b, self.fc = nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(3, 4), nn.Linear(8, n_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.a(x + self.shift)))
+        return self.fc(torch.relu(self.b(h.view(-1, 2, 3))).flatten(1))
+
+
+def make_model(model, plugin, lr=0.1, **kwargs):
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), plugins=[plugin], epochs=2,
+                    batch_size=16, seed=0, **kwargs)
+
+
+def test_a_model_that_is_not_a_chain_is_replayed_through_its_forward_with_a_hook_by_hand():
+    torch.manual_seed(0)
+    plugin, bench = LatentReplay(memory=12, batch_size=5), tiny_benchmark(6, 3)
+    s = make_model(Reshaping(), plugin)
+    assert plugin.cut == "norm"
+    s.train(bench.train_stream[0])
+    assert plugin.mode == "hook" and plugin.stub_rows == 1  # the chain b(norm(.)) does not fit: 6 features, not 3
+    m = s.model
+    z = plugin.memory.x[:5]
+    with torch.no_grad():  # each stored latent is the norm's output (eval mode) on one of the samples
+        m.eval()
+        outputs = m.norm(m.a(bench.train_stream[0].dataset.x + m.shift))
+        m.train()
+    gap = (plugin.memory.inputs()[:, None] - outputs[None]).abs().amax(-1)
+    assert gap.min(1).values.max() < 1e-5
+    hand = m.fc(torch.relu(m.b(torch.relu(z).view(-1, 2, 3))).flatten(1))
+    assert torch.allclose(plugin.upper_logits(s, z), hand, atol=1e-6)
+    # below the cut: the parameters the replayed logits do not depend on, the learned shift included
+    assert sorted(plugin.lower_names) == ["a.bias", "a.weight", "norm.bias", "norm.weight", "shift"]
+    assert plugin.lower_modules == ["a", "norm"]
+
+
+def test_below_a_hook_cut_parameters_and_normalisation_statistics_stay_fixed():
+    torch.manual_seed(0)
+    plugin, bench = LatentReplay(memory=12), tiny_benchmark(6, 3)
+    s = make_model(Reshaping(), plugin)
+    s.train(bench.train_stream[0])
+    m = s.model
+    lower = {n: t.clone() for n, t in [*m.a.state_dict().items(), *m.norm.state_dict().items(), ("shift", m.shift)]}
+    upper = [p.detach().clone() for p in (*m.b.parameters(), *m.fc.parameters())]
+    for exp in bench.train_stream[1:]:
+        s.train(exp)
+    now = {n: t for n, t in [*m.a.state_dict().items(), *m.norm.state_dict().items(), ("shift", m.shift)]}
+    assert all(torch.equal(lower[n], now[n]) for n in lower), "lower weights or batch-norm statistics moved"
+    assert not any(torch.equal(a, b) for a, b in zip(upper, (*m.b.parameters(), *m.fc.parameters())))
+
+
+class SkipAcross(nn.Module):
+    """fc(relu(b(relu(a(x)))) + x[:, :6]): the input skips over a cut at 'a'."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(8, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))) + x[:, :6])
+
+
+def test_a_connection_skipping_over_the_cut_is_refused_naming_the_model():
+    torch.manual_seed(0)
+    s = make_model(SkipAcross(), LatentReplay(memory=12))
+    assert s.plugins[0].cut == "a"
+    with pytest.raises(ConfigError, match="cannot replay latents taken at 'a' of SkipAcross"):
+        s.train(tiny_benchmark(6, 3).train_stream[0])
+
+
+def test_a_cut_by_path_on_a_plain_sequential_replays_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6))
+    plugin, bench = LatentReplay(memory=12, layer="1"), tiny_benchmark(6, 3)
+    s = make_model(model, plugin)
+    s.train(bench.train_stream[0])
+    assert plugin.mode == "chain" and plugin.lower_names == ["0.weight", "0.bias"]
+    z = plugin.memory.x[:4]
+    assert torch.equal(plugin.upper_logits(s, z), model[4](model[3](model[2](z))))
 
 
 def test_state_dict_round_trip_continues_identically(tmp_path):

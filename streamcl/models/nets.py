@@ -8,6 +8,26 @@ from torch import Tensor, nn
 from streamcl.models.heads import IncrementalLinear
 
 
+def module_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model``'s children in registration order, each ``nn.Sequential`` among them replaced by its own
+    children (recursively), with their dotted paths: the order in which a model that is a chain of
+    modules (an ``nn.Sequential``, a :class:`Classifier`) calls them. Other models register their
+    modules roughly in calling order too (torchvision's ResNet: ``conv1 ... layer4.1, avgpool, fc``), but
+    their forward may do more between them (a flatten, a pooling); callers check what they rely on."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.Sequential):
+                walk(child, path)
+            else:
+                out.append((path, child))
+
+    walk(model, "")
+    return out or [("", model)]
+
+
 class Classifier(nn.Module):
     """``head(backbone(x))``; the features (the backbone's output) are what plugins distil or store."""
 
