@@ -1,0 +1,24 @@
+"""The README's tour runs as written, on real Fashion-MNIST, with a user's plain nn.Sequential."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_tour_runs_on_a_plain_sequential(tmp_path, monkeypatch, capsys):
+    tour = next(b for b in python_blocks() if "nn.Sequential" in b)
+    monkeypatch.chdir(tmp_path)  # its TensorBoard run lands under runs/ here
+    namespace: dict = {}
+    exec(compile(tour, "README.md", "exec"), namespace)
+    results = namespace["results"]
+    assert len(results["accuracy_matrix"]) == 5 and results["final_accuracy"] > 0.7
+    assert list((tmp_path / "runs").iterdir())
