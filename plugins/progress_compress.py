@@ -10,8 +10,10 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.batch import Batch
-from streamcl.errors import ConfigError, TrainingError
+from streamcl.errors import ConfigError
 from streamcl.models.heads import IncrementalLinear
+from streamcl.models.nets import module_chain
+from streamcl.parts import grown_linear, replace_module
 from streamcl.plugins.ewc import EWC
 from streamcl.scenarios import as_batch
 
@@ -67,38 +69,98 @@ class HeadLateral(Lateral):
         return True
 
 
-def check_model(model: nn.Module) -> list[int]:
-    """The indices of the ``nn.Linear`` layers of ``model.backbone``; refuses a model P&C cannot wire."""
-    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
-    if not isinstance(backbone, nn.Sequential) or not isinstance(head, (nn.Linear, IncrementalLinear)):
-        raise ConfigError(f"progress_compress needs a streamcl.models.Classifier whose backbone is an nn.Sequential "
-                          f"and whose head is linear (the MLP); got {type(model).__name__}")
-    bad = [type(m).__name__ for m in backbone if not isinstance(m, (nn.Linear, *PASSIVE))]
+class ActiveHead(nn.Module):
+    """The active column's head with its lateral adaptor: ``head(a) + lateral(h)`` for the column's features
+    ``a`` and the knowledge base's ``h`` (eq. 1 at the output layer). The engine takes it for the classifier
+    head while progressing, so the features it reads (its input) are the column's."""
+
+    def __init__(self, head: nn.Module, lateral: Lateral):
+        super().__init__()
+        self.head, self.lateral = head, lateral
+
+    @property
+    def in_features(self) -> int:
+        return int(self.head.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.head.out_features)
+
+    def forward(self, a: Tensor, h: Tensor) -> Tensor:
+        return self.head(a) + self.lateral(h)
+
+
+def check_model(model: nn.Module, head_path: str | None) -> list[str]:
+    """The paths of ``model``'s chain of modules (its children, ``nn.Sequential`` opened), the classifier head
+    at ``head_path`` last; refuses, naming what is missing, a model whose layers P&C cannot wire."""
+    name = type(model).__name__
+    chain = module_chain(model)
+    paths = [p for p, _ in chain]
+    if head_path not in paths:
+        raise ConfigError(f"progress_compress rebuilds the forward pass from the model's chain of modules (its "
+                          f"children, nn.Sequential opened: {', '.join(paths[:12])}), and {name}'s classifier head "
+                          f"({head_path!r}) is not one of them")
+    at = paths.index(head_path)
+    if at != len(paths) - 1:
+        raise ConfigError(f"progress_compress: {name} has modules after its classifier head {head_path!r} "
+                          f"({', '.join(paths[at + 1:])}); the head must come last, its output the logits")
+    bad = [(p, m) for p, m in chain[:at] if not isinstance(m, (nn.Linear, *PASSIVE))]
     if bad:
         raise ConfigError(f"progress_compress wires lateral adaptors between fully connected layers only: the "
-                          f"backbone may hold Linear, ReLU, Flatten, Dropout and Identity, not {bad[0]} "
-                          f"(use the MLP: model.name = \"mlp\")")
-    linear = [i for i, m in enumerate(backbone) if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ConfigError("progress_compress needs at least one hidden Linear layer in the backbone: the "
-                          "laterals read the knowledge base's hidden activations")
-    return linear
+                          f"modules before the head may be Linear, ReLU, Flatten, Dropout and Identity, and {name} "
+                          f"holds {type(bad[0][1]).__name__} at {bad[0][0]!r} (use an MLP: model.name = \"mlp\")")
+    weight = getattr(chain[at][1], "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ConfigError(f"progress_compress: {name}'s classifier head {head_path!r} "
+                          f"({type(chain[at][1]).__name__}) has no weight matrix to join a lateral adaptor to")
+    if not any(isinstance(m, nn.Linear) for _, m in chain[:at]):
+        raise ConfigError(f"progress_compress needs at least one hidden Linear layer before {name}'s classifier "
+                          "head: the laterals read the knowledge base's hidden activations")
+    return paths
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, paths: list[str]) -> None:
+    """Refuse ``model`` if its forward is not its chain ``paths`` applied in turn (on a fixed random input): P&C
+    rebuilds the forward from the chain."""
+    modules = [model.get_submodule(p) for p in paths]
+    first = next(m for m in modules if isinstance(m, nn.Linear))
+    x = torch.randn(2, first.in_features, generator=torch.Generator().manual_seed(0)).to(first.weight)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+        h = x
+        for m in modules:
+            h = m(h)
+        same = isinstance(out, Tensor) and out.shape == h.shape and torch.allclose(out, h, rtol=1e-5, atol=1e-6)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        same = False
+    finally:
+        model.train(was_training)
+    if not same:
+        raise ConfigError(f"progress_compress: {type(model).__name__}'s forward is not its modules "
+                          f"({', '.join(paths)}) applied in turn (checked on a random input), and P&C rebuilds the "
+                          "forward from them to add the lateral adaptors")
 
 
 class ProgressCompressNet(nn.Module):
     """The knowledge base ``kb`` (the strategy's model), an active column ``ac`` of the same architecture and
     lateral adaptors ``laterals``: one into each of the column's linear layers after the first (and its head),
-    from the knowledge base's input to the same layer (eq. 1 of the paper).
+    from the knowledge base's input to the same layer (eq. 1 of the paper). ``chain`` are the paths of the
+    model's modules in calling order, the head (``head_path``) last (see :func:`check_model`).
 
     ``forward`` runs the active column with its laterals while ``progress`` is true, the knowledge base
-    alone otherwise; ``kb`` never reads the active column.
+    alone otherwise; ``kb`` never reads the active column. ``head`` is what the engine takes for the
+    classifier head: the column's :class:`ActiveHead` while progressing, the knowledge base's head otherwise.
     """
 
-    def __init__(self, kb: nn.Module, generator: torch.Generator, alpha: float, width: int | None):
+    def __init__(self, kb: nn.Module, chain: list[str], generator: torch.Generator, alpha: float,
+                 width: int | None):
         super().__init__()
-        self.linear = check_model(kb)
         self.kb, self.alpha, self.width = kb, alpha, width
-        self.feature_dim = getattr(kb, "feature_dim", None)
+        self.chain, self.head_path = list(chain), chain[-1]
+        self.linear = [p for p in chain[:-1] if isinstance(kb.get_submodule(p), nn.Linear)]
         self.progress = True
         self.new_column(generator)
 
@@ -110,36 +172,58 @@ class ProgressCompressNet(nn.Module):
             p.requires_grad_(True)
         _reinitialise(ac, generator)
         laterals = []
-        backbone = self.kb.backbone
-        targets = [backbone[i] for i in self.linear[1:]] + [self.kb.head]
-        for target in targets:
+        for path in [*self.linear[1:], self.head_path]:
+            target = self.kb.get_submodule(path)
             n_in = target.in_features
             width = self.width or n_in
-            kind = HeadLateral if isinstance(target, IncrementalLinear) else Lateral
+            kind = HeadLateral if path == self.head_path else Lateral
             laterals.append(kind(n_in, width, target.weight.shape[0], self.alpha, generator))
         self.ac, self.laterals = ac.to(device), nn.ModuleList(laterals).to(device)
+        self._link()
+
+    def _link(self) -> None:
+        """The active head (kept out of the registered modules: its parts are the column's)."""
+        self.__dict__["active_head"] = ActiveHead(self.ac.get_submodule(self.head_path), self.laterals[-1])
+
+    @torch.no_grad()
+    def match_head(self) -> None:
+        """Widen the column's head and its lateral to the knowledge base's head (which the engine widened)."""
+        n, head = self.kb.get_submodule(self.head_path).out_features, self.ac.get_submodule(self.head_path)
+        if type(head) is nn.Linear and head.out_features < n:
+            replace_module(self.ac, self.head_path, grown_linear(head, n))
+        self.laterals[-1].grow_to(n)
+        self._link()
+
+    @property
+    def head(self) -> nn.Module:
+        return self.active_head if self.progress else self.kb.get_submodule(self.head_path)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "head":  # the engine widening a fixed nn.Linear head: it belongs to the knowledge base
+            replace_module(self.kb, self.head_path, value)
+        else:
+            super().__setattr__(name, value)
 
     def column_parameters(self) -> list[nn.Parameter]:
         return [*self.ac.parameters(), *self.laterals.parameters()]
 
-    def forward(self, x: Tensor, return_features: bool = False):
+    def forward(self, x: Tensor) -> Tensor:
         if not self.progress:
-            return self.kb(x, return_features=return_features)
+            return self.kb(x)
         inputs, h = [], x  # the knowledge base's input to each linear layer, then to its head
-        for m in self.kb.backbone:
-            if isinstance(m, nn.Linear):
+        for path in self.chain[:-1]:
+            if path in self.linear:
                 inputs.append(h)
-            h = m(h)
-        inputs.append(h)
+            h = self.kb.get_submodule(path)(h)
         a, j = x, 0
-        for m in self.ac.backbone:
-            if isinstance(m, nn.Linear):
+        for path in self.chain[:-1]:
+            m = self.ac.get_submodule(path)
+            if path in self.linear:
                 a = m(a) if j == 0 else m(a) + self.laterals[j - 1](inputs[j])
                 j += 1
             else:
                 a = m(a)
-        logits = self.ac.head(a) + self.laterals[-1](inputs[-1])
-        return (logits, a) if return_features else logits
+        return self.active_head(a, h)
 
 
 def kl_on_finite(teacher: Tensor, student: Tensor) -> Tensor:
@@ -166,9 +250,10 @@ class ProgressCompress(Plugin):
 
     * Progress: the engine trains the AC and the adaptors on the experience (the task loss, and any other
       plugin's terms); the KB is frozen (``requires_grad`` off, so neither the optimizer nor DDP touch it).
-    * Compress (``after_training_exp``): the KB alone is trained, by a loop of the plugin's own (an optimizer
-      of the strategy's kind and settings, ``strategy.epochs`` epochs of minibatches of ``strategy.batch_size``
-      in an order drawn from ``strategy.generator``) on the experience's data, to minimise eq. 2,
+    * Compress (``after_training_exp``): the KB alone is trained, by the engine's private training loop
+      (``strategy.fit``: an optimizer of the strategy's kind and settings, ``strategy.epochs`` epochs of
+      minibatches of ``strategy.batch_size`` in an order drawn from ``strategy.generator``, logged as
+      ``loss/compress``) on the experience's data, to minimise eq. 2,
 
           KL(pi_AC(.|x) || pi_KB(.|x)) + lambda_/2 * ||theta_KB - theta*_KB||^2_{gamma F*}
 
@@ -185,8 +270,14 @@ class ProgressCompress(Plugin):
     Arguments: ``lambda_`` (EWC weight), ``gamma`` (online-EWC decay, in [0, 1]), ``alpha`` (the adaptors'
     initial scale), ``adaptor_width`` (width of ``V``; ``None``: the KB layer's own width), ``reset``,
     ``fisher_samples`` (the Fisher's samples, drawn from the experience; ``None``: all of them).
-    The model must be a :class:`streamcl.models.Classifier` with an ``nn.Sequential`` backbone of Linear and
-    ReLU layers (the MLP); others are refused with a :class:`ConfigError`. It owns the role ``architecture``.
+    The model must be a chain of fully connected layers: its modules in calling order (its children with every
+    ``nn.Sequential`` opened, :func:`streamcl.models.nets.module_chain`) are Linear and parameter-free layers
+    (ReLU, Flatten, Dropout, Identity), then the classifier head the engine found, and its forward is that
+    chain (checked on a random input): streamcl's MLP or a plain ``nn.Sequential``. Others (convolutions,
+    attention) are refused when the Strategy is built, with a :class:`ConfigError` naming the first module
+    that does not fit. While progressing the engine's classifier head is the column's head with its lateral
+    (:class:`ActiveHead`, so the features are the column's), after compressing the KB's. It owns the role
+    ``architecture``.
 
     Defaults, measured (seeds 0-2, with a 1000-sample Fisher; no weight from the paper carries over, the Fisher's
     scale depending on the model and data): ``lambda_ = 100`` gives SFM-5-TIL 0.958 and PFM-5 0.767;
@@ -198,6 +289,7 @@ class ProgressCompress(Plugin):
     """
 
     owns = frozenset({"architecture"})  # it replaces the model, as hypernetwork and latent_replay restructure it
+    requires = frozenset({"head"})
 
     def __init__(self, lambda_: float = 100.0, gamma: float = 1.0, alpha: float = 0.1,
                  adaptor_width: int | None = None, reset: bool = True, fisher_samples: int | None = None):
@@ -219,14 +311,22 @@ class ProgressCompress(Plugin):
         self.alpha, self.adaptor_width, self.reset = float(alpha), adaptor_width, reset
         self.last: dict[str, float] = {}
         self.experiences = 0
+        self.chain: list[str] = []  # the model's modules in calling order, the head last (found at setup)
+
+    @hookimpl
+    def setup(self, strategy) -> None:
+        self.chain = check_model(strategy.model, strategy.head_path)
+        check_forward(strategy.model, self.chain)
 
     # ------------------------------------------------------------------------------ progress
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module) -> nn.Module:
         if not isinstance(model, ProgressCompressNet):
-            model = ProgressCompressNet(model, strategy.generator, self.alpha, self.adaptor_width)
+            model = ProgressCompressNet(model, self.chain, strategy.generator, self.alpha, self.adaptor_width)
         elif self.reset and self.experiences:
             model.new_column(strategy.generator)
+        else:
+            model.match_head()
         self._phase(model, progress=True)
         return model
 
@@ -246,56 +346,38 @@ class ProgressCompress(Plugin):
             raise ConfigError("progress_compress: strategy.model is no longer the knowledge base with its active "
                               "column; list progress_compress after plugins that replace the model")
         data = as_batch(strategy.experience.dataset, strategy.device)
-        teacher = self._predict(strategy, model, data)
+        teacher = strategy.infer(data).logits  # the AC's (adapted) predictions, in evaluation mode
         self._phase(model, progress=False)
+        strategy.model_changed()  # the engine's head is now the KB's
         self._compress(strategy, model, data, teacher)
         if self.ewc.lambda_ > 0:
             self.ewc.consolidate(strategy, model=model.kb)
         self.experiences += 1
 
-    @torch.no_grad()
-    def _predict(self, strategy, model: ProgressCompressNet, data: Batch) -> Tensor:
-        """The AC's (adapted) logits on every sample of ``data``, in evaluation mode."""
-        was_training, step = model.training, strategy.eval_batch_size
-        model.eval()
-        try:
-            return torch.cat([strategy.forward(data.select(slice(i, i + step)), net=model).logits
-                              for i in range(0, len(data), step)])
-        finally:
-            model.train(was_training)
-
     def _compress(self, strategy, model: ProgressCompressNet, data: Batch, teacher: Tensor) -> None:
-        params = list(model.kb.parameters())
-        optimizer = self._optimizer(strategy, params)
-        n, size = len(data), strategy.batch_size
-        model.train()
-        for _ in range(strategy.epochs):
-            order = torch.randperm(n, generator=strategy.generator).to(data.y.device)
-            sums, steps = {"kl": 0.0, "ewc": 0.0, "total": 0.0}, 0
-            for i in range(0, n, size):
-                idx = order[i:i + size]
-                batch = data.select(idx)
-                optimizer.zero_grad(set_to_none=True)
-                kl = kl_on_finite(teacher[idx], strategy.forward(batch, net=model).logits)
-                ewc = self.ewc.penalty(model.kb) if self.ewc.anchors and self.ewc.lambda_ > 0 else kl.new_zeros(())
-                loss = kl + ewc
-                if strategy.check_finite and not math.isfinite(loss.item()):
-                    raise TrainingError(f"progress_compress: non-finite compress loss (kl {kl.item()}, ewc "
-                                        f"{ewc.item()}) in experience {strategy.experience.index}; lower the "
-                                        "learning rate or lambda_")
-                loss.backward()
-                optimizer.step()
-                for k, v in (("kl", kl), ("ewc", ewc), ("total", loss)):
-                    sums[k] += v.item()
-                steps += 1
-            self.last = {k: v / max(steps, 1) for k, v in sums.items()}
+        """Eq. 2 on ``data`` by ``strategy.fit``; each row's index travels as its label into the minibatches (so
+        its teacher logits can be found) and the true labels are put back before the forward pass."""
+        labels, steps = data.y, math.ceil(len(data) / strategy.batch_size)
+        rows = Batch(data.x, torch.arange(len(data), device=labels.device), data.t)
+        sums: dict[str, Tensor] = {}
+        done = 0
 
-    @staticmethod
-    def _optimizer(strategy, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """An optimizer of the strategy's kind with its settings (those of its first own group)."""
-        opt = strategy.optimizer
-        group = next((g for g in opt.param_groups if not g.get("from_plugin")), None) or opt.defaults
-        return type(opt)(params, **{k: group[k] for k in opt.defaults if k in group})
+        def loss(part: Batch) -> Tensor:
+            nonlocal done
+            idx = part.y
+            kl = kl_on_finite(teacher[idx], strategy.forward(Batch(part.x, labels[idx], part.t), net=model).logits)
+            ewc = self.ewc.penalty(model.kb) if self.ewc.anchors and self.ewc.lambda_ > 0 else kl.new_zeros(())
+            total = kl + ewc
+            if done % steps == 0:  # a new epoch: ``last`` keeps the last one's means
+                sums.clear()
+            for k, v in (("kl", kl), ("ewc", ewc), ("total", total)):
+                sums[k] = sums.get(k, 0) + v.detach()
+            done += 1
+            return total
+
+        model.train()
+        strategy.fit(rows, loss, list(model.kb.parameters()), epochs=strategy.epochs, name="compress")
+        self.last = {k: float(v) / steps for k, v in sums.items()}
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -7,16 +7,21 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from streamcl import Plugin, Strategy, hookimpl
+from torch import nn
+
+from streamcl import Batch, Plugin, Strategy, hookimpl
 from streamcl.errors import ConfigError
 from streamcl.models import MLP, SmallCNN
-from streamcl.plugins.progress_compress import ProgressCompress, ProgressCompressNet, kl_on_finite
+from streamcl.parts import capture_input
+from streamcl.plugins.progress_compress import ProgressCompress, ProgressCompressNet, check_model, kl_on_finite
+from tests.conftest import USER_MODELS
 from tests.synthetic import tiny_benchmark
 
 
 def wrapped(seed: int = 0, hidden=(16, 16), growing: bool = False) -> ProgressCompressNet:
     torch.manual_seed(seed)
-    return ProgressCompressNet(MLP(8, hidden, 4, growing=growing), torch.Generator().manual_seed(seed), 0.1, None)
+    model = MLP(8, hidden, 4, growing=growing)
+    return ProgressCompressNet(model, check_model(model, "head"), torch.Generator().manual_seed(seed), 0.1, None)
 
 
 def strategy(plugins, seed: int = 0, hidden=(16,), n_classes: int = 4):
@@ -38,8 +43,9 @@ def test_the_active_column_is_eq_1_by_hand():
     a2 = F.relu(a1 @ ac.backbone[3].weight.T + ac.backbone[3].bias + lat2)
     lath = lh.alpha * (F.relu(h2 @ lh.V.weight.T + lh.V.bias) @ lh.U.T)
     expected = a2 @ ac.head.weight.T + ac.head.bias + lath
-    logits, features = net(x, return_features=True)
-    assert torch.allclose(logits, expected, atol=1e-6) and torch.allclose(features, a2, atol=1e-6)
+    with capture_input(net.head) as box:  # while progressing the engine's head is the column's, with its lateral
+        logits = net(x)
+    assert torch.allclose(logits, expected, atol=1e-6) and torch.allclose(box[0], a2, atol=1e-6)
     assert l2.V.in_features == 16 and l2.U.shape == (16, 16) and lh.U.shape == (4, 16)
 
 
@@ -226,20 +232,67 @@ def test_online_ewc_decays_the_knowledge_base_importance_by_hand():
 
 
 # ------------------------------------------------------------------------------ refusals
-def test_an_unsupported_model_is_refused():
-    bench = tiny_benchmark(4, 2)
-    model = SmallCNN(1, 4, image_size=8)
-    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[ProgressCompress()], batch_size=16)
-    with pytest.raises(ConfigError, match="progress_compress.*Linear, ReLU, Flatten"):
+class NotAChain(nn.Module):
+    """Linear layers whose forward is not their order: a skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + x)
+
+
+def refused(model, match):
+    with pytest.raises(ConfigError, match=match):  # when the Strategy is built
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[ProgressCompress()], batch_size=16)
+
+
+def test_an_unsupported_model_is_refused_at_construction_naming_what_is_missing():
+    refused(SmallCNN(1, 4, image_size=8), r"progress_compress.*Linear, ReLU, Flatten.*holds ToImage at 'backbone.0'")
+    refused(USER_MODELS["resnet18"](), r"fully connected layers only.*ResNet holds Conv2d at 'conv1'")
+    refused(USER_MODELS["vit"](), r"fully connected layers only.*VisionTransformer holds PatchEmbed at 'patch_embed'")
+    refused(nn.Sequential(nn.Linear(8, 4)), "at least one hidden Linear")
+    refused(MLP(8, [], 4), "at least one hidden Linear")
+    refused(NotAChain(), r"NotAChain's forward is not its modules \(a, head\) applied in turn")
+    refused(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), nn.Softmax(1)),
+            r"modules after its classifier head '2' \(3\)")
+
+
+def test_a_plain_sequential_runs_and_the_features_are_the_column_s_then_the_knowledge_base_s():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6))
+    logged = Logged()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[ProgressCompress(), logged], epochs=2, batch_size=16, seed=0)
+    bench = tiny_benchmark(6, 3)
+    x = bench.test_stream[0].dataset.x[:5]
+    batch = Batch(x, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         s.train(bench.train_stream[0])
-    seq = torch.nn.Sequential(torch.nn.Linear(8, 4))
-    s = Strategy(seq, torch.optim.SGD(seq.parameters(), lr=0.1), plugins=[ProgressCompress()], batch_size=16)
-    with pytest.raises(ConfigError, match="progress_compress needs a streamcl.models.Classifier"):
-        s.train(bench.train_stream[0])
-    no_hidden = MLP(8, [], 4)
-    s = Strategy(no_hidden, torch.optim.SGD(no_hidden.parameters(), lr=0.1), plugins=[ProgressCompress()])
-    with pytest.raises(ConfigError, match="at least one hidden Linear"):
-        s.train(bench.train_stream[0])
+    net = s.model
+    assert isinstance(net, ProgressCompressNet) and not net.progress and s.head is net.kb[5]
+    assert torch.equal(s.forward(batch).features, torch.relu(net.kb[3](torch.relu(net.kb[1](x)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.train(bench.train_stream[1])
+    net.progress = True
+    s.model_changed()
+    column = torch.relu(net.ac[1](x))
+    lateral = net.laterals[0](torch.relu(net.kb[1](x)))
+    assert torch.allclose(s.forward(batch).features, torch.relu(net.ac[3](column) + lateral), atol=1e-6)
+    assert s.loss_terms.keys() == {"task"}
+    assert logged.names.count("loss/compress") == 4  # the engine's private loop: one mean per epoch, 2 x 2
+
+
+class Logged(Plugin):
+    def __init__(self):
+        self.names = []
+
+    @hookimpl
+    def log_value(self, name):
+        self.names.append(name)
 
 
 @pytest.mark.parametrize("kwargs,name", [({"lambda_": -1}, "lambda_"), ({"gamma": 1.5}, "gamma"),
