@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import warnings
 from typing import Sequence
@@ -13,6 +12,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from streamcl import ConfigError, Plugin, hookimpl
+from streamcl.parts import capture_input, replace_module
 from streamcl.penalty import stability_limit
 
 POWER_ITERATIONS = 20
@@ -20,6 +20,11 @@ POWER_ITERATIONS = 20
 
 def _uniform(shape, bound: float, generator: torch.Generator) -> Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+class GeneratedLinear(nn.Linear):
+    """The target's classifier head: an ``nn.Linear`` whose weights the hypernetwork generates (it holds none),
+    so the engine, which widens a user's plain ``nn.Linear`` head as classes arrive, leaves it alone."""
 
 
 class HyperNetModel(nn.Module):
@@ -33,10 +38,16 @@ class HyperNetModel(nn.Module):
 
     ``forward(x, task_labels)`` runs the target with the weights generated for each sample's task
     (grouped by task); a task label with no embedding uses the highest one that has.
+
+    ``head`` is the target's classifier head (at ``head_path`` in ``target``, as the engine found it), so the
+    engine reads the features, the head's input, as on the target itself. A batch that mixes task labels runs
+    the target once per task; the head is then called once more, on every row's features (its output thrown
+    away), so that the engine's hook, which keeps the head's latest input, sees all of them.
     """
 
     def __init__(self, target: nn.Module, task_dim: int, chunk_dim: int, chunk_size: int,
-                 hidden: Sequence[int], generator: torch.Generator, hidden_lr: float = 1.0):
+                 hidden: Sequence[int], generator: torch.Generator, hidden_lr: float = 1.0,
+                 head_path: str | None = None):
         super().__init__()
         named = list(target.named_parameters())
         if not named:
@@ -48,10 +59,15 @@ class HyperNetModel(nn.Module):
         with torch.no_grad():  # the size of the target's own initial weights, which the generated ones start at
             rms = math.sqrt(sum(float(p.double().square().sum()) for _, p in named) / self.n_weights)
         self.target = copy.deepcopy(target)
+        self.head_path = head_path or None  # a target that is its own head has no features to show
+        if self.head_path is not None:
+            old = self.target.get_submodule(self.head_path)
+            if type(old) is nn.Linear:
+                replace_module(self.target, self.head_path,
+                               GeneratedLinear(old.in_features, old.out_features, bias=old.bias is not None))
         for name in self.names:  # parameter-free (each one None, as a missing bias): functional_call supplies them
             module, _, leaf = name.rpartition(".")
             self.target.get_submodule(module)._parameters[leaf] = None
-        self.takes_features = "return_features" in inspect.signature(self.target.forward).parameters
         self.task_dim, self.chunk_dim, self.chunk_size = task_dim, chunk_dim, chunk_size
         self.n_chunks = math.ceil(self.n_weights / chunk_size)
         self.chunk_embeddings = nn.Parameter(torch.randn(self.n_chunks, chunk_dim, generator=generator))
@@ -111,37 +127,53 @@ class HyperNetModel(nn.Module):
         return self.unflatten(self.generate(self.task_embeddings[min(task, self.n_tasks - 1)][None])[0])
 
     # ------------------------------------------------------------------------------ target
-    def _run(self, x: Tensor, weights: dict[str, Tensor], return_features: bool):
-        if self.takes_features:
-            return functional_call(self.target, weights, (x,), {"return_features": return_features})
-        out = functional_call(self.target, weights, (x,))
-        return (out, None) if return_features else out
+    @property
+    def head(self) -> nn.Module | None:
+        """The target's classifier head (parameter-free: its weights are generated), or ``None``."""
+        return None if self.head_path is None else self.target.get_submodule(self.head_path)
 
-    def forward(self, x: Tensor, task_labels: Tensor | None = None, return_features: bool = False):
+    def __setattr__(self, name: str, value) -> None:
+        if name == "head":
+            raise ConfigError("HyperNetwork generates the classifier head's weights: the head of a HyperNetModel "
+                              "cannot be replaced (a plugin that replaces or widens the head cannot run with it)")
+        super().__setattr__(name, value)
+
+    def _run(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        return functional_call(self.target, weights, (x,))
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
         if self.n_tasks == 0:
             raise RuntimeError("HyperNetModel has no task embedding yet: the HyperNetwork plugin adds them")
         last = self.n_tasks - 1
         if task_labels is None:
-            return self._run(x, self.task_weights(last), return_features)
+            return self._run(x, self.task_weights(last))
         if x.shape[0] == 1:  # no data-dependent branch: safe under torch.func.vmap (per-sample gradients)
             table = torch.stack(list(self.task_embeddings))
             emb = table[task_labels.reshape(1).clamp(0, last)]
-            return self._run(x, self.unflatten(self.generate(emb)[0]), return_features)
+            return self._run(x, self.unflatten(self.generate(emb)[0]))
         tasks = task_labels.clamp(0, last)
         present = torch.unique(tasks).tolist()
         if len(present) == 1:
-            return self._run(x, self.task_weights(present[0]), return_features)
-        logits = features = None
+            return self._run(x, self.task_weights(present[0]))
+        head, logits, features = self.head, None, None
         for task in present:
             where = torch.nonzero(tasks == task).squeeze(1)
-            out = self._run(x[where], self.task_weights(task), return_features)
-            z, f = out if return_features else (out, None)
-            if logits is None:
-                logits = z.new_zeros(x.shape[0], *z.shape[1:])
-                features = None if f is None else f.new_zeros(x.shape[0], *f.shape[1:])
+            weights = self.task_weights(task)
+            if head is None:
+                z = self._run(x[where], weights)
+            else:
+                with capture_input(head) as box:
+                    z = self._run(x[where], weights)
+                f = box[0]
+                features = f.new_zeros(x.shape[0], *f.shape[1:]) if features is None else features
+                features = features.index_put((where,), f)
+            logits = z.new_zeros(x.shape[0], *z.shape[1:]) if logits is None else logits
             logits = logits.index_put((where,), z)
-            features = None if f is None else features.index_put((where,), f)
-        return (logits, features) if return_features else logits
+        if head is not None:  # once more on every row's features, for the engine's hook (output unused)
+            prefix = self.head_path + "."
+            functional_call(head, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                            (features,))
+        return logits
 
 
 def regulariser_curvature(model: HyperNetModel, tasks: list[int], limits: dict[int, float],
@@ -278,7 +310,7 @@ class HyperNetwork(Plugin):
                                   f"{growing[0] or 'self'} grows with the classes: give a model with a fixed head "
                                   "(model.growing = false)")
             model = HyperNetModel(model, self.task_dim, self.chunk_dim, self.chunk_size, self.hidden,
-                                  strategy.generator, self.hidden_lr)
+                                  strategy.generator, self.hidden_lr, head_path=strategy.head_path)
         tasks = self.experience_tasks(experience)
         if min(tasks) < 0:
             raise ConfigError(f"HyperNetwork: task label {min(tasks)} in {experience!r}; task labels must be >= 0")

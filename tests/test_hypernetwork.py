@@ -10,6 +10,7 @@ from torch import nn
 
 from streamcl import ConfigError, Plugin, Strategy, hookimpl
 from streamcl.models import MLP
+from streamcl.parts import capture_input
 from streamcl.plugins.hypernetwork import HyperNetModel, HyperNetwork, regulariser_curvature
 from streamcl.scenarios import class_incremental
 from tests.reliability import Crash, crash_at_step, numbers, tiny_config
@@ -51,9 +52,9 @@ def test_generated_weights_have_the_target_shapes_for_the_protocol_mlp():
     flat = torch.cat([w.flatten() for w in weights.values()])
     assert 0.5 * rms < float(flat.detach().square().mean().sqrt()) < 2 * rms
     x = torch.randn(5, 784)
-    logits, features = model(x, task_labels=torch.ones(5, dtype=torch.long), return_features=True)
-    expected = torch.func.functional_call(model.target, weights, (x,), {"return_features": True})
-    assert torch.allclose(logits, expected[0]) and torch.allclose(features, expected[1])
+    logits = model(x, task_labels=torch.ones(5, dtype=torch.long))
+    assert torch.allclose(logits, torch.func.functional_call(model.target, weights, (x,)))
+    assert model.head is None  # no head_path given: no features to show
 
 
 def test_chunks_are_one_mlp_on_task_and_chunk_embeddings_by_hand():
@@ -67,13 +68,17 @@ def test_chunks_are_one_mlp_on_task_and_chunk_embeddings_by_hand():
     assert torch.allclose(model.task_weights(0)["head.bias"], flat[21:23])
 
 
-def test_each_sample_runs_with_its_own_tasks_weights():
-    model = tiny_hnet(n_tasks=3)
+def test_each_sample_runs_with_its_own_tasks_weights_and_the_head_sees_every_row_s_features():
+    model = tiny_hnet(n_tasks=3, head_path="head")
+    assert isinstance(model.head, nn.Linear) and list(model.head.parameters()) == []
     x, t = torch.randn(6, 4), torch.tensor([2, 0, 1, 0, 2, 7])  # 7 was never seen: the highest embedding (2)
-    logits, features = model(x, task_labels=t, return_features=True)
+    with capture_input(model.head) as box:  # as the engine reads the features
+        logits = model(x, task_labels=t)
+    features = box[0]
     for i in range(6):
         w = model.task_weights(min(int(t[i]), 2))
-        z, f = torch.func.functional_call(model.target, w, (x[i:i + 1],), {"return_features": True})
+        z = torch.func.functional_call(model.target, w, (x[i:i + 1],))
+        f = torch.relu(x[i:i + 1] @ w["backbone.1.weight"].T + w["backbone.1.bias"])  # MLP(4, [3]): the hidden layer
         assert torch.allclose(logits[i], z[0], atol=1e-6) and torch.allclose(features[i], f[0], atol=1e-6)
     assert torch.allclose(model(x), model(x, task_labels=torch.full((6,), 2)))  # no task labels: the last task
     # a batch of one takes a branch-free path, so per-sample gradients (torch.func.vmap) go through it
@@ -83,7 +88,7 @@ def test_each_sample_runs_with_its_own_tasks_weights():
 
 def test_a_model_with_a_growing_head_or_no_parameters_is_refused():
     plugin = HyperNetwork()
-    strategy = SimpleNamespace(generator=torch.Generator().manual_seed(0))
+    strategy = SimpleNamespace(generator=torch.Generator().manual_seed(0), head_path="head")
     exp = SimpleNamespace(task=0, dataset=None)
     with pytest.raises(ConfigError, match="grows with the classes"):
         plugin.adapt_model(strategy, MLP(4, [3], 2, growing=True), exp)
@@ -93,7 +98,7 @@ def test_a_model_with_a_growing_head_or_no_parameters_is_refused():
 
 def test_adapt_model_grows_embeddings_and_trains_only_the_current_tasks():
     plugin, strategy = HyperNetwork(task_dim=3, chunk_dim=2, chunk_size=20, hidden=[5]), \
-        SimpleNamespace(generator=torch.Generator().manual_seed(0))
+        SimpleNamespace(generator=torch.Generator().manual_seed(0), head_path="head")
     model = plugin.adapt_model(strategy, MLP(4, [3], 2), SimpleNamespace(task=0, dataset=None))
     assert isinstance(model, HyperNetModel) and model.n_tasks == 1
     e0 = model.task_embeddings[0].detach().clone()
@@ -236,7 +241,7 @@ def test_bad_arguments_are_refused(kwargs, match):
 
 def test_a_negative_task_label_is_refused():
     with pytest.raises(ConfigError, match="task label -1"):
-        HyperNetwork().adapt_model(SimpleNamespace(generator=torch.Generator()), MLP(4, [3], 2),
+        HyperNetwork().adapt_model(SimpleNamespace(generator=torch.Generator(), head_path="head"), MLP(4, [3], 2),
                                    SimpleNamespace(task=-1, dataset=None))
 
 
