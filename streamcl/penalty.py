@@ -1,7 +1,8 @@
 """Parameter importance and importance-weighted anchoring, shared by the parameter regularisers.
 
 * :func:`sample_gradients`: the mean over a dataset of a per-sample gradient, squared (a Fisher
-  diagonal) or absolute (MAS), computed with ``torch.func`` in chunks;
+  diagonal) or absolute (MAS), computed with ``torch.func`` in chunks whose per-sample gradients fit
+  in :data:`BUDGET` bytes;
 * :class:`Anchors`: ``sum_k sum_i c_ki (theta_i - a_ki)^2`` over anchor points ``k``, with each
   parameter's total coefficient capped so that plain or momentum SGD stays stable on it.
 """
@@ -19,6 +20,13 @@ from streamcl.batch import Batch
 from streamcl.models.heads import IncrementalLinear
 
 CHUNK = 512
+BUDGET = 1 << 30  # bytes of per-sample gradients torch.func may hold at once (ResNet-18: 24 samples a pass)
+
+
+def rows_within(params: list[Tensor], budget: int | None = None) -> int:
+    """How many samples' gradients of ``params`` fit in ``budget`` bytes (default :data:`BUDGET`), at least one."""
+    size = sum(p.numel() * p.element_size() for p in params)
+    return max(1, (BUDGET if budget is None else budget) // max(1, size))
 
 
 def trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -38,7 +46,9 @@ def sample_gradients(strategy, data, score: Callable[[Tensor, Batch], Tensor], r
     A linear layer applied once to the rows of a chunk has per-sample gradients ``g_n a_n^T``
     (output gradient times input), so their sum of ``f`` is ``f(G)^T f(A)``: one batched backward
     instead of one per sample. Layers where that does not hold (checked on the first samples
-    against ``torch.func``'s per-sample gradients) and other parameters take ``torch.func``'s way.
+    against ``torch.func``'s per-sample gradients) and other parameters take ``torch.func``'s way,
+    :func:`rows_within` samples at a time, so that their per-sample gradients stay within
+    :data:`BUDGET` (1 GiB) whatever the model's size.
     """
     if reduce not in ("square", "abs"):
         raise ValueError(f"reduce={reduce!r}: use 'square' or 'abs'")
@@ -60,8 +70,9 @@ def sample_gradients(strategy, data, score: Callable[[Tensor, Batch], Tensor], r
                 if _join(name, "bias") in total:
                     total[_join(name, "bias")] += f(g).sum(0)
             slow = [n for n in names if n.rpartition(".")[0] not in fast]
-            if slow:
-                for n, g in _per_sample(strategy, batch, score, slow).items():
+            rows = rows_within([total[n] for n in slow])
+            for i in range(0, len(batch) if slow else 0, rows):
+                for n, g in _per_sample(strategy, batch.select(slice(i, i + rows)), score, slow).items():
                     total[n] += f(g).sum(0)
             count += len(batch)
     finally:

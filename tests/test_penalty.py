@@ -29,6 +29,32 @@ def test_squared_and_absolute_per_sample_gradients_of_a_linear_model():
     assert s.model.training  # the mode is put back
 
 
+def test_per_sample_gradients_are_taken_as_many_samples_at_a_time_as_the_budget_allows(monkeypatch):
+    from streamcl import penalty
+    assert penalty.rows_within([torch.zeros(1000), torch.zeros(24)], budget=8192) == 2  # 4096 bytes a sample
+    assert penalty.rows_within([torch.zeros(10 ** 6)], budget=10) == 1
+    assert penalty.rows_within([torch.zeros(10, dtype=torch.float64)]) == (1 << 30) // 80
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 2))
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 1, 0, 1])
+    score = lambda z, b: F.cross_entropy(z, b.y)  # noqa: E731
+    whole = sample_gradients(s, TensorData(x, y), score)
+    calls, original = [], penalty._per_sample
+    monkeypatch.setattr(penalty, "_per_sample",
+                        lambda st, b, sc, names: calls.append(len(b)) or original(st, b, sc, names))
+    monkeypatch.setattr(penalty, "BUDGET", 2 * 8 * 4)  # the convolution's 8 floats, two samples at a time
+    cut = sample_gradients(s, TensorData(x, y), score)
+    assert calls == [2, 2, 2, 1]  # the outer-product check on 2 samples, then the convolution 2 + 2 + 1
+    assert whole.keys() == cut.keys() and all(torch.allclose(whole[n], cut[n], atol=1e-7) for n in whole)
+    by_hand = torch.zeros(2, 1, 3)
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        by_hand += model[1].weight.grad.square() / 5
+    assert torch.allclose(cut["1.weight"], by_hand, atol=1e-7)
+
+
 def test_penalty_is_the_weighted_squared_distance_to_every_anchor():
     s = linear_strategy()
     model, anchors = s.model, Anchors("test")
