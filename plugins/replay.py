@@ -22,7 +22,9 @@ class Replay(Plugin):
 
     * ``class_balanced`` (default): the total split evenly over the classes seen, random samples (a
       class that recurs, as in domain-incremental streams, split again evenly over its experiences);
-    * ``herding``: the same split, samples picked by herding on the model's features (iCaRL, Alg. 4);
+    * ``herding``: the same split, samples picked by herding on the model's features (iCaRL, Alg. 4;
+      ``strategy.embed``, the input of the classifier head: a model without a linear head is refused
+      when the Strategy is built);
     * ``experience_balanced``: the total split evenly over the experiences seen, random samples;
     * ``random``: a uniform sample of everything seen (reservoir sampling over each experience);
     * ``reservoir``: reservoir sampling online, after every minibatch (Vitter 1985).
@@ -70,6 +72,11 @@ class Replay(Plugin):
             capacity = self.budget.total or self.budget.per_class * n_classes
             self.memory = Memory(capacity, self.codec)
         return self.memory
+
+    @hookimpl
+    def setup(self, strategy) -> None:
+        if self.selection == "herding":
+            strategy.require_head("the features that herding selection picks exemplars by", self)
 
     # ------------------------------------------------------------------------------ replay
     @hookimpl
@@ -133,7 +140,7 @@ class Replay(Plugin):
                     keep.append(members[balanced(came, {e: q for e, q in share.items() if e != newest})])
                     members = members[came == newest]
                 if self.selection == "herding":
-                    pick = herding(_features(strategy, pool.x[members]), share[newest])
+                    pick = herding(strategy.embed(pool.select(members)), share[newest])
                 else:
                     pick = random_pick(len(members), share[newest], strategy.generator).to(members.device)
                 keep.append(members[pick])
@@ -159,14 +166,3 @@ class Replay(Plugin):
             self.memory = Memory(state["capacity"], self.codec)
             self.memory.load_state_dict(state["memory"])
 
-
-@torch.no_grad()
-def _features(strategy, x: Tensor) -> Tensor:
-    """The model's features (the input to its head) for ``x``, in evaluation mode."""
-    model, was_training = strategy.model, strategy.model.training
-    model.eval()
-    try:
-        out = [model(x[i:i + 1024], return_features=True)[1] for i in range(0, len(x), 1024)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out)

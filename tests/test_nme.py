@@ -37,10 +37,9 @@ def test_nme_logits_by_hand_and_argmax_is_the_nearest_mean():
 
 
 def test_class_means_are_normalised_means_of_normalised_features():
-    model = Classifier(nn.Identity(), nn.Linear(2, 3), 2)  # features = inputs
-    x = torch.tensor([[3.0, 0.0], [0.0, 0.5], [2.0, 0.0], [0.0, -4.0], [0.0, -1.0]])
+    features = torch.tensor([[3.0, 0.0], [0.0, 0.5], [2.0, 0.0], [0.0, -4.0], [0.0, -1.0]])
     y = torch.tensor([0, 0, 2, 1, 1])
-    classes, means = class_means(model, Batch(x, y, torch.zeros_like(y)))
+    classes, means = class_means(features, y)
     assert classes.tolist() == [0, 1, 2]
     s = 1 / math.sqrt(2)  # class 0: mean of (1, 0) and (0, 1) = (0.5, 0.5), normalised
     assert torch.allclose(means, torch.tensor([[s, s], [0.0, -1.0], [1.0, 0.0]]), atol=1e-6)
@@ -56,6 +55,19 @@ def test_adapt_logits_only_in_evaluation():
     assert NMEClassifier().adapt_logits(SimpleNamespace(is_training=False), logits, features) is None  # no means yet
 
 
+def test_a_task_mask_before_it_keeps_the_prediction_among_the_task_classes():
+    """Task-incremental: a logit that reaches NME as -inf (TaskMask, listed first by the runner) stays -inf."""
+    plugin = NMEClassifier()
+    plugin.load_state_dict({"classes": torch.tensor([0, 1, 2, 3]),
+                            "means": torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])})
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # nearest mean: class 0 (distance 0)
+    masked = torch.tensor([[0.5, 0.2, -INF, -INF], [-INF, -INF, 0.1, 0.3]])  # task 0: {0, 1}; task 1: {2, 3}
+    out = plugin.adapt_logits(SimpleNamespace(is_training=False), masked, features)
+    # ||f - m||^2 = 2 - 2 f.m: 0 for class 0, 2 for classes 1 and 3, 4 for class 2
+    assert out.tolist() == [[0.0, -2.0, -INF, -INF], [-INF, -INF, -4.0, -2.0]]
+    assert out.argmax(1).tolist() == [0, 3]  # the second sample's nearest mean among its task's classes
+
+
 def build(plugins, n_classes=6, n_exp=3, **kwargs):
     torch.manual_seed(0)
     bench = tiny_benchmark(n_classes, n_exp)
@@ -65,7 +77,7 @@ def build(plugins, n_classes=6, n_exp=3, **kwargs):
     return s, bench
 
 
-def test_a_strategy_without_a_replay_memory_is_refused():
+def test_a_strategy_without_a_replay_memory_or_a_head_is_refused_at_construction():
     from streamcl import Plugin, PluginError
 
     with pytest.raises(PluginError, match="needs a plugin that owns the role 'memory'"):
@@ -74,9 +86,20 @@ def test_a_strategy_without_a_replay_memory_is_refused():
     class Hoard(Plugin):
         owns = frozenset({"memory"})  # owns the role but keeps no streamcl.memory.Memory
 
-    s, bench = build([Hoard(), NMEClassifier()])
     with pytest.raises(ConfigError, match="replay memory"):
-        s.train(bench.train_stream[0])
+        build([Hoard(), NMEClassifier()])
+
+    class Bare(nn.Module):  # no linear layer anywhere: no head, so no features
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(8, 6))
+
+        def forward(self, x):
+            return x @ self.w
+
+    model = Bare()
+    with pytest.raises(ConfigError, match="NMEClassifier.*needs the model's classifier head"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[Cumulative(), NMEClassifier()])
 
 
 def test_cumulative_memory_serves_as_exemplars():
@@ -101,14 +124,14 @@ def test_evaluation_predicts_the_nearest_exemplar_mean():
         s.train(exp)
     acc = s.eval(bench.test_stream)["accuracy"]
     assert nme.classes.tolist() == [0, 1, 2, 3, 4, 5]
-    # by hand: mean of the normalised features of each class's exemplars, then the nearest one
+    # by hand: mean of the normalised features (the MLP's backbone output) of each class's exemplars, then the nearest
     s.model.eval()
     with torch.no_grad():
-        phi = nn.functional.normalize(s.model(replay.memory.inputs(), return_features=True)[1], dim=1)
+        phi = nn.functional.normalize(s.model.backbone(replay.memory.inputs()), dim=1)
         means = torch.stack([phi[replay.memory.labels == c].mean(0) for c in range(6)])
         means = nn.functional.normalize(means, dim=1)
         for x, pred in predictions:
-            f = nn.functional.normalize(s.model(x, return_features=True)[1], dim=1)
+            f = nn.functional.normalize(s.model.backbone(x), dim=1)
             assert torch.equal(torch.cdist(f, means).argmin(1), pred)
     assert min(acc) > 0.5  # the blobs are easy
 
@@ -137,3 +160,58 @@ def test_state_dict_round_trip_and_resume_continue_identically(tmp_path):
     assert r.eval(bench.test_stream)["accuracy"] == rows[1]
     r.train(bench.train_stream[2])
     assert r.eval(bench.test_stream)["accuracy"] == rows[2]
+
+
+@pytest.mark.parametrize("model_name", ["sequential", "resnet18", "vit"])
+def test_icarl_on_a_users_model_classifies_by_the_means_of_its_head_inputs(model_name):
+    """Herding, BCE distillation and NME on models that know nothing of streamcl: the features are the input
+    of the head the engine found (the last Linear of an nn.Sequential, resnet's fc, timm's head)."""
+    from tests.conftest import USER_MODELS, image_benchmark
+
+    torch.manual_seed(0)
+    model = USER_MODELS[model_name](4)
+    replay, nme = Replay(memory=8, selection="herding"), NMEClassifier()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                 plugins=[replay, Distill(kind="bce"), nme], batch_size=8, eval_batch_size=16, seed=0)
+    bench = image_benchmark()
+    for exp in bench.train_stream:
+        s.train(exp)
+    s.eval(bench.test_stream)  # the means are taken at before_eval
+    logits = s.predict(bench.test_stream[0].dataset.x)
+    assert nme.classes.tolist() == [0, 1, 2, 3] and nme.means.shape == (4, s.feature_dim)
+    extractor = s.extractor().eval()  # the model with its head replaced by nn.Identity: inputs -> features
+    with torch.no_grad():
+        phi = nn.functional.normalize(extractor(replay.memory.inputs()).flatten(1), dim=1)
+        means = nn.functional.normalize(torch.stack([phi[replay.memory.labels == c].mean(0) for c in range(4)]), dim=1)
+        f = nn.functional.normalize(extractor(bench.test_stream[0].dataset.x).flatten(1), dim=1)
+    assert torch.allclose(nme.means, means, atol=1e-5)
+    assert torch.allclose(logits, -torch.cdist(f, means).pow(2), atol=1e-4)
+
+
+def test_icarl_on_a_task_incremental_stream_predicts_within_the_task():
+    """With TaskMask (first, as the runner lists it) every prediction is one of the sample's task's classes."""
+    from streamcl.plugins import TaskMask
+    from streamcl.scenarios import task_incremental
+    from tests.synthetic import blobs
+
+    torch.manual_seed(0)
+    bench = task_incremental(blobs(n_classes=6), blobs(10, 6, seed=1), 3)
+    model = MLP(8, [16], 6)
+    predictions = []
+
+    class Spy:
+        from streamcl import hookimpl
+
+        @hookimpl
+        def after_eval_forward(self, strategy):
+            predictions.append((strategy.batch.t, strategy.output.logits.argmax(1)))
+
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[TaskMask(), Replay(memory=12, selection="herding"), Distill(kind="bce"), NMEClassifier(),
+                          Spy()], batch_size=16, epochs=2, seed=0)
+    for exp in bench.train_stream:
+        s.train(exp)
+    predictions.clear()
+    s.eval(bench.test_stream)
+    t, pred = torch.cat([p[0] for p in predictions]), torch.cat([p[1] for p in predictions])
+    assert torch.equal(pred // 2, t)  # task k holds classes 2k and 2k + 1

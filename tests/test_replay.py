@@ -64,8 +64,41 @@ def test_herding_selection_matches_herding_on_the_features():
     x2 = data.x[data.y == 2]
     s.model.eval()
     with torch.no_grad():
-        feats = s.model(x2, return_features=True)[1]
+        feats = s.model.backbone(x2)  # the MLP's features: the input of its head
     assert torch.equal(plugin.memory.inputs()[plugin.memory.labels == 2], x2[herding(feats, 1)])
+
+
+def test_herding_on_a_users_sequential_uses_the_input_of_its_last_linear_layer():
+    from streamcl.memory import herding
+    from tests.conftest import image_benchmark, sequential
+
+    torch.manual_seed(0)
+    model, plugin = sequential(4), Replay(memory=4, selection="herding")
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=[plugin], batch_size=8, seed=0)
+    bench = image_benchmark()
+    for exp in bench.train_stream:
+        s.train(exp)
+    data = bench.train_stream[1].dataset
+    x3 = data.x[data.y == 3]
+    model.eval()
+    with torch.no_grad():
+        feats = model[:-1](x3)  # everything before the last nn.Linear
+    assert torch.equal(plugin.memory.inputs()[plugin.memory.labels == 3], x3[herding(feats, 1)])
+
+
+def test_herding_on_a_model_without_a_head_is_refused_at_construction():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(8, 6))
+
+        def forward(self, x):
+            return x @ self.w
+
+    model = Bare()
+    with pytest.raises(ConfigError, match="features that herding selection picks exemplars by.*no linear classifier"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[Replay(selection="herding")])
+    Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[Replay()])  # random picks need no head
 
 
 def test_experience_balanced_and_random_and_reservoir_fill_the_memory():
