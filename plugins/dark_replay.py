@@ -1,7 +1,6 @@
 """Dark experience replay: DER and DER++ (Buzzega et al. 2020)."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -9,7 +8,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from streamcl import ConfigError, Plugin, distributed as dist, hookimpl
-from streamcl.batch import Batch
 from streamcl.memory import Memory, random_pick, reservoir
 
 
@@ -19,16 +17,20 @@ class DarkReplay(Plugin):
 
     A memory of ``memory`` samples is filled by reservoir sampling after every minibatch with the
     inputs, labels, task labels and the logits ``z`` the model produced for them in that step (the
-    "dark knowledge"). Each step adds, on top of the task loss:
+    "dark knowledge"): the network's own output ``output.raw``, before any ``adapt_logits``, as the
+    paper stores ``h_theta(x)`` (eq. 4-6). Each step adds, on top of the task loss:
 
-    * ``der_mse`` = ``alpha`` * MSE(f(x'), z') on one memory minibatch (x', z') (DER, eq. 6);
+    * ``der_mse`` = ``alpha`` * MSE(h(x'), z') on one memory minibatch (x', z') (DER, eq. 6), ``h`` the
+      raw output again: a task mask's ``-inf`` (task-incremental streams) never enters the term;
     * with ``plus`` (DER++), ``der_ce`` = ``beta`` * CE(f(x''), y'') on a second minibatch drawn
-      independently from the memory.
+      independently from the memory, ``f`` the logits after ``adapt_logits`` (a task mask applies,
+      with each stored sample's own task label), like the task loss.
 
     Memory minibatches hold ``batch_size`` samples (default: the strategy's batch size, as in the
     paper's MNIST settings), drawn without replacement as in the authors' code; both go through
-    the model in one forward pass. If the output head grew since a sample was stored, its logits
-    are compared with the first columns of the current output only.
+    the model in one forward pass (``strategy.forward`` on the plain module, so any model works). If
+    the output head grew since a sample was stored, its logits are compared with the first columns of
+    the current output only.
 
     Defaults alpha = 1.0 and beta = 0.5 are the paper's values with a 500-sample buffer on both of
     its MNIST-family benchmarks, Seq-MNIST and P-MNIST (DER alone: alpha = 1.0 on both), as listed
@@ -58,7 +60,6 @@ class DarkReplay(Plugin):
         self.batch_size = batch_size
         self.memory: Memory | None = None
         self.seen = 0  # samples offered to reservoir sampling so far
-        self._takes_task = None  # (model, whether its forward takes task labels)
 
     # ------------------------------------------------------------------------------ loss
     @hookimpl
@@ -70,11 +71,12 @@ class DarkReplay(Plugin):
         if self.plus:
             slots = torch.cat([slots, random_pick(len(self.memory), n, strategy.generator)])
         slots = slots.to(self.memory.y.device)
-        logits = self._forward(strategy.model, self.memory.batch(slots))  # the plain module (docs/distributed.md)
-        terms = {"der_mse": self.alpha * self.mse(logits[:n], self.memory.extras["logits"][slots[:n]],
+        # the plain module, not the DDP wrapper (docs/distributed.md)
+        out = strategy.forward(self.memory.batch(slots), net=strategy.model)
+        terms = {"der_mse": self.alpha * self.mse(out.raw[:n], self.memory.extras["logits"][slots[:n]],
                                                   self.memory.extras["width"][slots[:n]])}
         if self.plus:
-            terms["der_ce"] = self.beta * F.cross_entropy(logits[n:], self.memory.y[slots[n:]])
+            terms["der_ce"] = self.beta * F.cross_entropy(out.logits[n:], self.memory.y[slots[n:]])
         return terms
 
     @staticmethod
@@ -86,18 +88,12 @@ class DarkReplay(Plugin):
         valid = torch.arange(w, device=diff.device)[None, :] < width[:, None]
         return (diff * valid).sum() / valid.sum().clamp_min(1)
 
-    def _forward(self, model, batch: Batch) -> Tensor:
-        """The model's logits for ``batch`` (with task labels if its forward takes them)."""
-        if self._takes_task is None or self._takes_task[0] is not model:
-            self._takes_task = (model, "task_labels" in inspect.signature(model.forward).parameters)
-        return model(batch.x, task_labels=batch.t) if self._takes_task[1] else model(batch.x)
-
     # ------------------------------------------------------------------------------ memory update
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
         n = strategy.n_current
         current = strategy.batch.select(slice(0, n))
-        logits = strategy.output.logits[:n].detach()
+        logits = strategy.output.raw[:n].detach()  # the network's own output, before adapt_logits
         # every rank offers the same samples (each holds its share of the minibatch)
         x, y, t, z = (dist.all_gather(v) for v in (*current, logits))
         if self.memory is None:

@@ -1,6 +1,5 @@
 """Dark experience replay (DER / DER++): the two loss terms by hand, the memory's logits, resume."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +20,13 @@ def hand_model():
     return model
 
 
+def hand_strategy(plugins=(), batch_size=128):
+    """A strategy around :func:`hand_model`: the memory's minibatches go through the engine's forward."""
+    model = hand_model()
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=list(plugins),
+                    batch_size=batch_size, seed=0)
+
+
 def filled(plugin, x, y, z, width=None):
     from streamcl.memory import Memory
 
@@ -36,7 +42,7 @@ def test_der_mse_and_derpp_ce_terms_by_hand():
     y = torch.tensor([2, 0])
     # a memory minibatch of the whole memory: both terms are means, whatever order the draw takes
     plugin = filled(DarkReplay(memory=2, alpha=0.3, beta=0.7, batch_size=2), x, y, z)
-    strategy = SimpleNamespace(model=hand_model(), generator=torch.Generator().manual_seed(0), batch_size=128)
+    strategy = hand_strategy()
     terms = plugin.loss_terms(strategy)
     ce = ((math.log(math.e + math.e ** 2 + math.e ** 3) - 3) + (math.log(1 + 2 * math.e) - 0)) / 2
     assert terms["der_mse"].item() == pytest.approx(0.3 * 7 / 6, rel=1e-6)
@@ -49,7 +55,7 @@ def test_der_mse_and_derpp_ce_terms_by_hand():
 
 def test_mse_gradient_flows_into_the_model():
     plugin = filled(DarkReplay(memory=2, batch_size=2), torch.ones(2, 2), torch.tensor([0, 1]), torch.zeros(2, 3))
-    strategy = SimpleNamespace(model=hand_model(), generator=torch.Generator().manual_seed(0), batch_size=2)
+    strategy = hand_strategy(batch_size=2)
     sum(plugin.loss_terms(strategy).values()).backward()
     assert strategy.model.weight.grad is not None and strategy.model.weight.grad.abs().sum() > 0
 
@@ -65,7 +71,7 @@ def test_logits_stored_before_the_head_grew_are_compared_on_their_own_columns():
 
 
 class Record:
-    """Records the current samples of each training step and the logits the model gave them."""
+    """Records the current samples of each training step and the model's own logits for them (``output.raw``)."""
 
     def __init__(self):
         self.x, self.logits = [], []
@@ -74,7 +80,7 @@ class Record:
     def after_forward(self, strategy):
         n = strategy.n_current
         self.x.append(strategy.batch.x[:n].clone())
-        self.logits.append(strategy.output.logits[:n].detach().clone())
+        self.logits.append(strategy.output.raw[:n].detach().clone())
 
 
 def run(plugins, n_classes=4, n_exp=2, seed=0, **kwargs):
@@ -146,11 +152,57 @@ def test_state_dict_round_trip():
     b = DarkReplay(memory=12)
     b.load_state_dict(a.state_dict())
     assert b.seen == a.seen and len(b.memory) == 12
-    strategy = SimpleNamespace(model=s.model, generator=torch.Generator().manual_seed(3), batch_size=5)
-    ta = a.loss_terms(strategy)
-    strategy.generator.manual_seed(3)
-    tb = b.loss_terms(strategy)
+    s.batch_size = 5
+    s.generator.manual_seed(3)
+    ta = a.loss_terms(s)
+    s.generator.manual_seed(3)
+    tb = b.loss_terms(s)
     assert all(torch.equal(ta[k], tb[k]) for k in ("der_mse", "der_ce"))
+
+
+def masked_strategy(plugins):
+    """Task 0 holds classes 0 and 1, task 1 classes 2 and 3 (a TaskMask listed first, as the runner lists it)."""
+    from streamcl.plugins import TaskMask
+    mask = TaskMask()
+    mask.table = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    torch.manual_seed(0)
+    model = nn.Linear(2, 4)
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[mask, *plugins], seed=0)
+
+
+def test_under_a_task_mask_the_terms_compare_raw_outputs_and_score_labels_within_the_task():
+    """Task-incremental (SFM-5-TIL): the memory holds the network's own output h(x) (eq. 4-6), never the task
+    mask's -inf; der_mse compares raw outputs, der_ce is the cross-entropy among the sample's task's classes."""
+    x = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    y, t = torch.tensor([1, 2]), torch.tensor([0, 1])
+    plugin = DarkReplay(memory=2, alpha=0.3, beta=0.7, batch_size=2)
+    s = masked_strategy([plugin])
+    filled(plugin, x, y, torch.zeros(2, 4))
+    plugin.memory.t[:2] = t
+    terms = plugin.loss_terms(s)
+    with torch.no_grad():
+        raw = s.model(x)
+    assert terms["der_mse"].item() == pytest.approx(0.3 * raw.pow(2).mean().item(), rel=1e-6)
+    ce = [torch.logsumexp(raw[0, :2], 0) - raw[0, 1], torch.logsumexp(raw[1, 2:], 0) - raw[1, 2]]  # within the task
+    assert terms["der_ce"].item() == pytest.approx(0.7 * (ce[0] + ce[1]).item() / 2, rel=1e-6)
+
+
+def test_a_task_incremental_run_stores_raw_outputs_and_stays_finite():
+    """Before the fix the memory stored the masked logits and der_mse was -inf - (-inf): 'non-finite loss'."""
+    from streamcl.plugins import TaskMask
+    from streamcl.scenarios import task_incremental
+    from tests.synthetic import blobs
+
+    torch.manual_seed(0)
+    bench = task_incremental(blobs(n_classes=4), blobs(10, 4, seed=1), 2)
+    plugin, record = DarkReplay(memory=1000), Record()
+    model = MLP(8, [16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                 plugins=[TaskMask(), plugin, record], batch_size=16, epochs=2, seed=0)
+    s.train(bench.train_stream)
+    assert len(plugin.memory) == 160 and plugin.memory.extras["logits"][:160].isfinite().all()
+    assert torch.equal(plugin.memory.extras["logits"][:160], torch.cat(record.logits))
+    assert min(s.eval(bench.test_stream)["accuracy"]) > 0.8
 
 
 @pytest.mark.parametrize("kwargs", [dict(memory=0), dict(memory=-5), dict(memory=2.5), dict(alpha=-1),
