@@ -30,7 +30,7 @@ class AGEM(EpisodicMemory):
     After each experience, ``per_experience`` random samples of it join the episodic memory. At every
     step, after backward, ``sample_size`` samples are drawn uniformly without replacement from the whole
     memory (``strategy.generator``; all of it when it holds fewer) and their mean loss's gradient is the
-    reference ``g_ref`` (``strategy.criterion`` on the logits after ``adapt_logits``). If
+    reference ``g_ref`` (the plain ``strategy.criterion`` on the logits after ``adapt_logits``). If
     ``g^T g_ref < 0``, the gradient ``g`` (the ``.grad`` of the trainable parameters) is replaced by
     ``g - (g^T g_ref / g_ref^T g_ref) g_ref`` (eq. 11), see :func:`agem_project`.
 

@@ -14,12 +14,15 @@ class ERACE(Plugin):
     """The asymmetric cross-entropy of ER-ACE (Caccia et al. 2022, "New Insights on Reducing Abrupt
     Representation Change in Online Continual Learning", ICLR; eq. 4-5).
 
-    Replaces the task criterion by ``CE_in + CE_replay``: the incoming samples (the first
+    Gives the task loss ``CE_in + CE_replay`` through the ``task_loss`` transform (``strategy.criterion``
+    stays the plain one, so a plugin that needs the plain loss, such as GEM's memory gradients or MIR's
+    virtual step, keeps it whatever the plugin list): the incoming samples (the first
     ``strategy.n_current`` of the minibatch) are scored only against the logits of the incoming
     classes, so learning new classes does not push the old classes' logits (and representations)
     away; the replayed samples (the rest of the minibatch, joined by a memory plugin's
     ``replay_batch``) are scored against every class seen so far. Each term is the mean over its
-    own samples. Without replayed samples it is the masked cross-entropy alone.
+    own samples. Without replayed samples it is the masked cross-entropy alone. The logits are
+    ``output.logits`` (after ``adapt_logits``: a task mask's ``-inf`` only removes classes further).
 
     The memory must hold samples of the incoming classes too, as the paper's does (its ER memory is
     a reservoir updated after every incoming minibatch, and so is the official code's): the
@@ -41,7 +44,7 @@ class ERACE(Plugin):
     (size, replay batch) is the memory plugin's.
     """
 
-    owns = frozenset({"criterion"})
+    owns = frozenset({"criterion"})  # the one plugin that gives the task loss
 
     def __init__(self, incoming: str = "experience"):
         if incoming not in INCOMING:
@@ -50,12 +53,8 @@ class ERACE(Plugin):
         self._key, self._masks = None, None  # a cache of the class masks, rebuilt from the strategy
 
     @hookimpl
-    def before_training_exp(self, strategy) -> None:
-        strategy.criterion = lambda logits, y: self.loss(strategy, logits, y)
-
-    @hookimpl
-    def before_training(self, strategy) -> None:  # a run resumed inside an experience skips the above
-        self.before_training_exp(strategy)
+    def task_loss(self, strategy, output, batch) -> Tensor:
+        return self.loss(strategy, output.logits, batch.y)
 
     def loss(self, strategy, logits: Tensor, y: Tensor) -> Tensor:
         """The ER-ACE loss of a minibatch whose first ``strategy.n_current`` samples are incoming."""
@@ -90,5 +89,5 @@ def _mask(classes, width: int, device) -> Tensor:
 
 def _only(logits: Tensor, keep: Tensor, y: Tensor) -> Tensor:
     """``logits`` with every column that ``keep`` does not mark, nor ``y`` names, set to -inf."""
-    keep = keep.index_fill(0, y, True)  # out of place: MIR may call the criterion under torch.func.vmap
+    keep = keep.index_fill(0, y, True)  # out of place: the mask is cached and shared by every minibatch
     return logits.masked_fill(~keep, float("-inf"))

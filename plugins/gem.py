@@ -82,9 +82,11 @@ def write_gradient(params: Sequence[Tensor], flat: Tensor) -> None:
 
 
 def memory_gradient(strategy, batch: Batch, params: Sequence[Tensor]) -> Tensor:
-    """The gradient of the criterion (mean over ``batch``) at the current parameters, as one vector.
+    """The gradient of ``strategy.criterion`` (mean over ``batch``) at the current parameters, as one vector.
 
-    Forward through ``strategy.forward(..., net=strategy.model)`` (the plain module, every
+    ``strategy.criterion`` is the plain task loss (cross-entropy unless the user gave another), never a
+    plugin's ``task_loss`` (ER-ACE's masks are about the incoming minibatch, not a past experience's
+    memory). Forward through ``strategy.forward(..., net=strategy.model)`` (the plain module, every
     ``adapt_logits`` applied, e.g. a task mask), in the model's current mode; ``.grad`` is untouched.
     """
     total, n = None, len(batch)
@@ -140,11 +142,12 @@ class GEM(EpisodicMemory):
 
     After each experience, ``per_experience`` random samples of it join the episodic memory, one
     memory per experience. At every step, after backward, the gradient ``g_k`` of the loss on each
-    past experience's memory is computed (whole memory, ``strategy.criterion`` on the logits after
-    ``adapt_logits``, so a task mask applies). If ``g`` (the ``.grad`` of the trainable parameters)
-    has ``<g, g_k> < 0`` for some ``k``, it is replaced by the solution of the dual QP (eq. 12-13,
-    solved by quadprog with a ``1e-3 * I`` ridge as in the authors' code), see :func:`gem_project`:
-    the closest gradient to ``g + margin * sum_k g_k`` whose dot product with every ``g_k`` is ``>= 0``.
+    past experience's memory is computed (whole memory, the plain ``strategy.criterion`` on the logits
+    after ``adapt_logits``, so a task mask applies; see :func:`memory_gradient`). If ``g`` (the ``.grad``
+    of the trainable parameters) has ``<g, g_k> < 0`` for some ``k``, it is replaced by the solution of
+    the dual QP (eq. 12-13, solved by quadprog with a ``1e-3 * I`` ridge as in the authors' code), see
+    :func:`gem_project`: the closest gradient to ``g + margin * sum_k g_k`` whose dot product with every
+    ``g_k`` is ``>= 0``.
 
     ``margin`` is the paper's ``gamma`` (Sec. 3: "adding a small constant gamma to v*" favours backward
     transfer), implemented as the authors' code does (``memory_strength``, the dual bound ``v >= gamma``).

@@ -1,8 +1,6 @@
 """Maximally interfered retrieval: replay the stored samples that the coming update would hurt most."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
@@ -43,8 +41,11 @@ class MIR(Replay):
     experience included. Retrieval is rank-consistent under torchrun: the virtual gradient is averaged
     over ranks (each holds a shard of ``B``), so every rank scores the same candidates with the same
     ``theta'`` and keeps the same ones; the engine then gives each rank its share. The virtual step and the
-    scores use ``strategy.model`` in its current mode, without ``adapt_logits``, with copies of its buffers
-    (batch-norm statistics are not moved); the real parameters, gradients and optimizer are untouched.
+    scores use ``strategy.model`` in its current mode (through ``strategy.forward`` with the parameters
+    swapped by ``torch.func.functional_call``, so any model works), without ``adapt_logits``, with copies of
+    its buffers (batch-norm statistics are not moved), and ``strategy.criterion``, the plain task loss (not
+    ER-ACE's ``task_loss``); the real parameters, gradients and optimizer are untouched. The learning rates
+    are read from ``strategy.optimizer.param_groups`` (torch's public API).
     """
 
     def __init__(self, memory: int | None = 500, subsample: int | None = None, batch_size: int | None = None,
@@ -75,11 +76,11 @@ def interference(strategy, batch: Batch, candidates: Batch) -> Tensor:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in named}
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a train-mode forward may update them
-    takes_task = "task_labels" in inspect.signature(model.forward).parameters
 
-    def logits(values: dict, b: Batch) -> Tensor:
-        kwargs = {"task_labels": b.t} if takes_task else {}
-        return functional_call(model, {**values, **buffers}, (b.x,), kwargs)
+    def logits(values: dict, b: Batch) -> Tensor:  # the engine's forward (task labels where the model takes them)
+        def net(x, **kwargs):
+            return functional_call(model, {**values, **buffers}, (x,), kwargs)
+        return strategy.forward(b, net=net, adapt=False).raw
 
     with torch.enable_grad():
         leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}

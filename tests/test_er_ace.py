@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from streamcl import ConfigError, PluginError, Strategy, hookimpl
+from streamcl import Batch, ConfigError, Output, PluginError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.er_ace import ERACE, ace
 from streamcl.plugins.replay import Replay
@@ -57,24 +57,29 @@ def fake_strategy(n_current=2, classes=(2, 3), trained=((0, 1),)):
                            trained=[SimpleNamespace(index=i, classes=c) for i, c in enumerate(trained)])
 
 
-def test_plugin_criterion_takes_the_classes_of_the_experience_and_of_the_past():
+def task_loss(plugin, strategy, logits, y):
+    """The plugin's ``task_loss`` transform on a minibatch with these logits and labels."""
+    batch = Batch(torch.zeros(len(y), 1), y, torch.zeros_like(y))
+    return plugin.task_loss(strategy=strategy, output=Output(logits, None, logits), batch=batch)
+
+
+def test_task_loss_takes_the_classes_of_the_experience_and_of_the_past():
     plugin, strategy = ERACE(), fake_strategy()
-    plugin.before_training_exp(strategy)
-    assert strategy.criterion(LOGITS, Y).item() == pytest.approx(hand_loss(), rel=1e-6)
+    assert task_loss(plugin, strategy, LOGITS, Y).item() == pytest.approx(hand_loss(), rel=1e-6)
     ce_re = ((lse(2.0, -1.0, 0.0, 1.0) - 2.0) + (lse(0.5, 0.5, 1.0, 2.0) - 0.5)) / 2
     y = torch.tensor([2, 2, 0, 1])  # class 3 of the experience is absent from this minibatch
     # "experience" (default): class 3 stays in the incoming softmax
     by_experience = ((lse(0.5, -1.0) - 0.5) + (lse(2.0, 1.0) - 2.0)) / 2 + ce_re
-    assert plugin.loss(strategy, LOGITS, y).item() == pytest.approx(by_experience, rel=1e-6)
+    assert task_loss(plugin, strategy, LOGITS, y).item() == pytest.approx(by_experience, rel=1e-6)
     # "batch": only the classes present in the incoming minibatch (the paper's online rule)
     by_batch = ((lse(0.5) - 0.5) + (lse(2.0) - 2.0)) / 2 + ce_re
-    assert ERACE(incoming="batch").loss(strategy, LOGITS, y).item() == pytest.approx(by_batch, rel=1e-6)
+    assert task_loss(ERACE(incoming="batch"), strategy, LOGITS, y).item() == pytest.approx(by_batch, rel=1e-6)
 
 
 def test_a_sample_of_a_class_outside_the_masks_is_still_scored_against_its_class():
     strategy = fake_strategy(classes=(2, 3))
     y = torch.tensor([0, 3, 0, 1])  # an old class among the incoming samples (data joined to the experience)
-    loss = ERACE().loss(strategy, LOGITS, y)
+    loss = task_loss(ERACE(), strategy, LOGITS, y)
     assert torch.isfinite(loss)
     # the incoming softmax covers the experience's classes and those present: {0, 2, 3}
     ce_re = ((lse(2.0, -1.0, 0.0, 1.0) - 2.0) + (lse(0.5, 0.5, 1.0, 2.0) - 0.5)) / 2
@@ -117,9 +122,10 @@ def test_with_replay_the_task_loss_is_the_asymmetric_one():
             by_hand = by_hand + F.cross_entropy(logits[n:].masked_fill(~mask(seen, 6), float("-inf")), y[n:])
         assert torch.allclose(by_hand, loss)
     assert replayed == 2 * 2 * 3  # experiences 1 and 2: 2 epochs of 3 minibatches each
+    assert s.criterion is F.cross_entropy  # the loss comes through task_loss; the criterion stays the plain one
 
 
-def test_resume_inside_an_experience_keeps_the_asymmetric_criterion(tmp_path, monkeypatch):
+def test_resume_inside_an_experience_keeps_the_asymmetric_loss(tmp_path, monkeypatch):
     from tests.reliability import Crash, crash_at_step
 
     def build(seed=0):

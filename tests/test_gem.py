@@ -239,6 +239,36 @@ def test_constraints_hold_during_training():
     assert check.steps > 0 and check.worst >= -2e-3  # up to 1e-3 * v_k below 0, from the QP's ridge
 
 
+@pytest.mark.parametrize("projection", [GEM, AGEM])
+def test_beside_er_ace_the_memory_gradients_are_of_the_plain_cross_entropy(projection):
+    """ER-ACE gives its masked loss through task_loss; GEM's and A-GEM's memory gradients keep the plain one
+    (before, ER-ACE replaced strategy.criterion and the memory gradients masked the memory's classes)."""
+    from torch.nn import functional as F
+
+    from streamcl import hookimpl
+    from streamcl.plugins.er_ace import ERACE
+
+    plugin = projection(per_experience=10)
+    checked = []
+
+    class Check:
+        @hookimpl
+        def after_backward(self, strategy):  # during the training of experience 1: ER-ACE's masks are active
+            if not plugin.memories:
+                return
+            params = trainable_params(strategy.model)
+            memory = plugin.memories[0]  # classes 0 and 1, none of them incoming now
+            got = memory_gradient(strategy, memory, params)
+            plain = torch.autograd.grad(F.cross_entropy(strategy.model(memory.x), memory.y), params)
+            assert torch.allclose(got, torch.cat([g.reshape(-1) for g in plain]), atol=1e-6)
+            checked.append(True)
+
+    s, bench = train([ERACE(), plugin, Check()], n_exp=2)
+    for exp in bench.train_stream:
+        s.train(exp)
+    assert len(checked) == 3 and s.criterion is F.cross_entropy
+
+
 def test_checkpoint_round_trip_continues_identically(tmp_path):
     full, bench = train([GEM(per_experience=10)])
     for exp in bench.train_stream:

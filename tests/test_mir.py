@@ -24,7 +24,7 @@ def hand_scores(W, b, lr, batch: Batch, cand: Batch):
         return torch.logsumexp(z, 1) - z[torch.arange(len(y)), y]
 
     z = batch.x @ W.T + b
-    dz = (torch.softmax(z, 1) - torch.eye(3)[batch.y]) / len(batch.y)
+    dz = (torch.softmax(z, 1) - torch.eye(W.shape[0])[batch.y]) / len(batch.y)
     W1, b1 = W - lr * dz.T @ batch.x, b - lr * dz.sum(0)
     return ce(W1, b1, cand.x, cand.y) - ce(W, b, cand.x, cand.y)
 
@@ -75,6 +75,34 @@ def test_subsample_draws_that_many_distinct_candidates():
     plugin.memory.append(*cand)
     out = plugin.replay_batch(s, batch)
     assert len(out) == 4 and len({tuple(r.tolist()) for r in out.x}) == 4
+
+
+def test_beside_er_ace_the_scores_are_of_the_plain_cross_entropy():
+    """ER-ACE's masked loss is the task loss only (task_loss); the virtual step and the scores keep the plain
+    criterion, as eq. 1-3 have it."""
+    from streamcl.plugins.er_ace import ERACE
+
+    checked = []
+
+    class Check:
+        @hookimpl
+        def before_forward(self, strategy):  # while ER-ACE's loss is the task loss of this minibatch
+            if len(strategy.batch) == strategy.n_current:
+                return
+            current = strategy.batch.select(slice(0, strategy.n_current))
+            cand = plugin.memory.batch()
+            W, b = strategy.model.weight.detach(), strategy.model.bias.detach()
+            assert torch.allclose(interference(strategy, current, cand), hand_scores(W, b, 0.1, current, cand),
+                                  atol=1e-6)
+            checked.append(True)
+
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model, plugin = nn.Linear(8, 4), MIR(memory=6, batch_size=3)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, ERACE(), Check()],
+                 batch_size=16, seed=0)
+    s.train(bench.train_stream)
+    assert len(checked) == 3
 
 
 def train(plugins, n_exp=3):
