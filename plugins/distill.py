@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import torch
@@ -28,24 +27,15 @@ def frozen(model: torch.nn.Module | None, state: dict | None = None) -> torch.nn
     return teacher.eval()
 
 
-def takes_task_labels(model: torch.nn.Module) -> bool:
-    return "task_labels" in inspect.signature(model.forward).parameters
-
-
-def teacher_logits(teacher: torch.nn.Module, batch, takes_task: bool) -> Tensor:
-    """``teacher``'s logits on ``batch`` (given the task labels if its forward takes them)."""
-    out = teacher(batch.x, task_labels=batch.t) if takes_task else teacher(batch.x)
-    return out[0] if isinstance(out, tuple) else out
-
-
 class Distill(Plugin):
     """Distillation of the old classes' logits from the model as it was before the current experience.
 
     At ``before_training_exp`` of every experience after the first, the teacher is a frozen copy of
     ``strategy.model`` (eval mode, no gradients). On every training minibatch (replayed samples
-    included, unless ``replayed=False``), with student logits ``z`` and teacher logits ``z'``, both
-    the model's own (before ``adapt_logits``: a task mask does not hide the old heads), restricted to
-    the old classes (those of the experiences trained before this one):
+    included, unless ``replayed=False``), with student logits ``z`` (``output.raw``) and teacher logits
+    ``z'`` (``strategy.forward(batch, model=teacher, adapt=False).raw``), both the model's own (before
+    ``adapt_logits``: a task mask does not hide the old heads), restricted to the old classes (those of
+    the experiences trained before this one):
 
     * ``kind="kl"`` (LwF; Li & Hoiem 2017, "Learning without Forgetting", eq. 2-3):
       ``T^2 * KL(softmax(z'/T) || softmax(z/T))``, averaged over the batch. The paper's loss is the
@@ -64,7 +54,8 @@ class Distill(Plugin):
     distils every sample of the minibatch, as iCaRL does over new data and exemplars (Alg. 3);
     ``replayed=False`` only the experience's own samples, as LwF does (eq. 2 is over the new data).
     It owns the role ``logit_distillation``: two distillers of the old logits (say ``Distill`` and
-    ``LwFDistill``) in one strategy are refused; tune ``weight`` instead.
+    ``LwFDistill``) in one strategy are refused; tune ``weight`` instead. Any model works: the teacher
+    runs through the engine's forward (task labels passed where the model takes them).
     """
 
     term = "distill"
@@ -88,7 +79,6 @@ class Distill(Plugin):
         self.teacher: torch.nn.Module | None = None
         self.old_classes: list[int] = []  # classes of the experiences trained so far, in order of arrival
         self._old: Tensor | None = None  # the same, as an index tensor on the logits' device
-        self._takes_task = False
 
     # ------------------------------------------------------------------------------ teacher
     @hookimpl
@@ -112,7 +102,7 @@ class Distill(Plugin):
         if self._old is None or self._old.device != logits.device:
             self._old = torch.tensor(self.old_classes, dtype=torch.long, device=logits.device)
         with torch.no_grad():
-            target = self._teacher_logits(batch)
+            target = strategy.forward(batch, model=self.teacher, adapt=False).raw
         return {self.term: self.weight * self.distillation(logits[:, self._old], target[:, self._old])}
 
     def distillation(self, student: Tensor, teacher: Tensor) -> Tensor:
@@ -128,10 +118,6 @@ class Distill(Plugin):
 
     def _set_teacher(self, teacher: torch.nn.Module | None) -> None:
         self.teacher, self._old = teacher, None
-        self._takes_task = teacher is not None and takes_task_labels(teacher)
-
-    def _teacher_logits(self, batch) -> Tensor:
-        return teacher_logits(self.teacher, batch, self._takes_task)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

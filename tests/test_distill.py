@@ -1,7 +1,6 @@
 """Distillation (LwF's KL, iCaRL's BCE) against hand computations; the teacher stays frozen."""
 import io
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,9 +32,14 @@ def with_teacher(plugin, teacher_logits, old_classes):
 
 
 def term(plugin, student_logits):
+    """The plugin's terms for a minibatch whose student logits are given; the teacher runs through the
+    engine's forward (``strategy.forward(batch, model=teacher)``)."""
     z = torch.tensor(student_logits, requires_grad=True)
     batch = Batch(torch.zeros(len(z), 3), torch.zeros(len(z), dtype=torch.long), torch.zeros(len(z), dtype=torch.long))
-    terms = plugin.loss_terms(strategy=SimpleNamespace(n_current=len(z)), batch=batch, output=Output(z, None))
+    model = MLP(3, [4], 3)
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.n_current = len(z)
+    terms = plugin.loss_terms(strategy=strategy, batch=batch, output=Output(z, None, z))
     return terms, z
 
 
@@ -279,3 +283,32 @@ def test_distillation_under_a_task_mask_uses_the_models_own_logits():
     s.train(bench.train_stream)
     later = [t for t in terms if t is not None]
     assert later and all(torch.isfinite(t) for t in later) and later[0] == 0 and later[-1] > 0  # 0 at the start
+
+
+def test_the_teacher_gets_the_task_labels_when_the_model_takes_them():
+    """A multi-head model (forward(x, task_labels)): the engine's forward passes the minibatch's task labels to
+    the teacher too, so the distilled logits are those of each sample's own head."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(3, 2), nn.Linear(3, 2)])
+
+        def forward(self, x, task_labels):
+            return torch.stack([self.heads[int(t)](r) for r, t in zip(x, task_labels)])
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    plugin = Distill(kind="bce")
+    plugin.load_state_dict({"old_classes": [0, 1], "teacher": model, "teacher_state": model.state_dict()})
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    batch = Batch(x, torch.zeros(4, dtype=torch.long), t)
+    strategy.n_current = 4
+    z = torch.tensor([[1.0, -2.0]] * 4)  # the student's logits
+    terms = plugin.loss_terms(strategy=strategy, batch=batch, output=Output(z, None, z))
+    with torch.no_grad():  # each sample's own head, by hand
+        q = torch.sigmoid(torch.stack([model.heads[int(k)](r) for r, k in zip(x, t)]))
+    g = torch.sigmoid(z)
+    by_hand = -(q * g.log() + (1 - q) * (1 - g).log()).sum(1).mean()
+    assert terms["distill"].item() == pytest.approx(by_hand.item(), rel=1e-6)
