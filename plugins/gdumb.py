@@ -23,11 +23,14 @@ class GDumb(Plugin):
     found first in the memory's slots).
 
     Learner (Alg. 2): at each evaluation that follows new data (``before_eval``), the model is reset to
-    the weights it had when training started (saved at the first ``before_training_exp``; output units
-    added later by a growing head keep their fresh initialisation) and trained on the memory alone for
-    ``epochs`` epochs of ``batch_size`` (default: the strategy's), shuffled by ``strategy.generator``, with
-    its own SGD (``lr``, ``momentum``, ``weight_decay`` default to the strategy optimizer's first group),
-    through the strategy's forward (``adapt_logits`` included) and task loss.
+    the weights it had when training started (a copy of its ``state_dict`` taken at the first
+    ``before_training_exp``, fitted to the model's entries at each experience and at the reset: output units
+    added later by a growing head keep their fresh initialisation) and trained on the memory alone by
+    ``strategy.fit`` (the engine's private loop: ``epochs`` epochs of ``batch_size``, default the strategy's,
+    shuffled by ``strategy.generator``; a fresh optimizer of the strategy's kind, each parameter with its
+    group's settings, which ``lr``, ``momentum`` and ``weight_decay`` override when given), through the
+    strategy's forward (``adapt_logits`` included) and task loss, in training mode. It works on any model:
+    only ``state_dict`` / ``load_state_dict`` and the engine's forward are used.
 
     Defaults: ``epochs=128`` is the paper's MNIST setting (``--num_passes 128`` in its replicate
     script); its batch 16 and SGDR schedule (lr 0.05 to 0.0005) are replaced by the protocol's optimizer
@@ -59,6 +62,14 @@ class GDumb(Plugin):
         self.memory: Memory | None = None
         self.initial: dict[str, Tensor] | None = None  # the weights training started from
         self.pending = False  # new data arrived since the last retraining
+
+    @hookimpl
+    def setup(self, strategy) -> None:
+        given = [k for k, v in (("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay))
+                 if v is not None and k not in strategy.optimizer.defaults]
+        if given:
+            raise ConfigError(f"GDumb {given[0]}=...: the retraining uses an optimizer of the strategy's kind "
+                              f"({type(strategy.optimizer).__name__}), which has no {given[0]!r} setting")
 
     # ------------------------------------------------------------------------------ sampler (Alg. 1)
     @hookimpl
@@ -103,24 +114,16 @@ class GDumb(Plugin):
         model = strategy.model
         self._refresh(model)  # a plugin may have reshaped the model since (DER prunes its newest extractor)
         model.load_state_dict(self.initial)
-        defaults = strategy.optimizer.param_groups[0]
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                              lr=self.lr if self.lr is not None else defaults.get("lr", 0.01),
-                              momentum=self.momentum if self.momentum is not None else defaults.get("momentum", 0.0),
-                              weight_decay=self.weight_decay if self.weight_decay is not None
-                              else defaults.get("weight_decay", 0.0))
-        data, size = self.memory.batch(), self.batch_size or strategy.batch_size
+        options = {k: v for k, v in (("lr", self.lr), ("momentum", self.momentum),
+                                     ("weight_decay", self.weight_decay)) if v is not None}
         was_training = model.training
         model.train()
-        with torch.enable_grad():
-            for _ in range(self.epochs):
-                order = torch.randperm(len(data), generator=strategy.generator).to(data.y.device)
-                for i in range(0, len(order), size):
-                    batch = data.select(order[i:i + size])
-                    opt.zero_grad(set_to_none=True)
-                    strategy.task_loss(strategy.forward(batch), batch).backward()
-                    opt.step()
-        model.train(was_training)
+        try:
+            strategy.fit(self.memory.batch(), lambda batch: strategy.task_loss(strategy.forward(batch), batch),
+                         [p for p in model.parameters() if p.requires_grad], epochs=self.epochs, name="gdumb",
+                         batch_size=self.batch_size, **options)
+        finally:
+            model.train(was_training)
         self.pending = False
 
     def state_dict(self) -> dict:

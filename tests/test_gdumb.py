@@ -1,8 +1,11 @@
 
+import copy
+
 import pytest
 import torch
+from torch.nn import functional as F
 
-from streamcl import ConfigError, Strategy
+from streamcl import ConfigError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.gdumb import GDumb, greedy_balanced
 from tests.synthetic import tiny_benchmark
@@ -76,6 +79,58 @@ def test_retraining_happens_once_per_new_data():
     assert s.eval(bench.test_stream) == first  # no new data: no retraining
     assert all(torch.equal(weights[k], v) for k, v in s.model.state_dict().items())
     assert first["accuracy"][0] > 0.9  # learned experience 0 from 12 samples
+
+
+class Logs:
+    """Every scalar logged through strategy.log, by name."""
+
+    def __init__(self):
+        self.values = {}
+
+    @hookimpl
+    def log_value(self, name, value):
+        self.values.setdefault(name, []).append(value)
+
+
+def test_the_retraining_is_strategy_fit_from_the_initial_weights_step_for_step():
+    # what Alg. 2 does, written out: the initial weights, SGD of the strategy's settings (lr 0.1, momentum 0.9),
+    # 3 epochs over the memory in batches of 5, each epoch's order drawn from the strategy's generator
+    plugin = GDumb(memory=12, epochs=3, batch_size=5)
+    s, bench = train(plugin)
+    s.train(bench.train_stream[0])
+    model = copy.deepcopy(s.model)
+    model.load_state_dict(plugin.initial)
+    data, generator = plugin.memory.batch(), copy.deepcopy(s.generator)
+    assert len(data) == 12  # batches of 5, 5 and 2
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        order = torch.randperm(len(data), generator=generator)
+        for i in range(0, len(data), 5):
+            part = data.select(order[i:i + 5])
+            opt.zero_grad()
+            F.cross_entropy(model(part.x), part.y).backward()
+            opt.step()
+    s.eval(bench.test_stream)
+    assert all(torch.equal(v, s.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(generator.get_state(), s.generator.get_state())
+
+
+def test_the_retraining_logs_its_loss_and_takes_the_options_given():
+    logs = Logs()
+    plugin = GDumb(memory=12, epochs=4, lr=1e-30)
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model = MLP(8, [16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, logs], batch_size=16, seed=0)
+    s.train(bench.train_stream[0])
+    s.eval(bench.test_stream)
+    losses = logs.values["loss/gdumb"]
+    assert len(losses) == 4  # one mean an epoch, through strategy.fit
+    assert losses == pytest.approx([losses[0]] * 4, rel=1e-6)  # lr 1e-30 overrides the strategy's 0.1
+    # Adam has no momentum: asking for one is refused when the Strategy is built
+    with pytest.raises(ConfigError, match="GDumb momentum.*Adam.*no 'momentum'"):
+        Strategy(model, torch.optim.Adam(model.parameters()), plugins=[GDumb(momentum=0.9)])
+    Strategy(model, torch.optim.Adam(model.parameters()), plugins=[GDumb(lr=0.01, weight_decay=0.1)])
 
 
 def test_a_growing_head_is_reset_too():
