@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -19,20 +17,21 @@ class BiasCorrection(Plugin):
     """Bias correction (BiC; Wu et al. 2019, "Large Scale Incremental Learning", CVPR, eq. 5-6).
 
     **Held-out set.** At ``before_training_exp`` of every experience that brings classes not seen
-    before (``new``) while the replay memory (the ``.memory`` of the plugin that owns ``memory``,
-    e.g. :class:`~streamcl.plugins.replay.Replay`) holds exemplars of earlier classes (``old``), a
+    before (``new``) while the replay memory (``strategy.memory``: the ``.memory`` of the plugin that owns
+    ``memory``, e.g. :class:`~streamcl.plugins.replay.Replay`) holds exemplars of earlier classes (``old``), a
     class-balanced validation set is drawn with ``strategy.generator``: ``k`` samples of every old class
     from its exemplars and ``k`` of every new class from the experience, with
     ``k = max(1, round(ratio * m))`` and ``m`` the fewest exemplars an old class has (the paper splits the
     exemplars 9:1, ``ratio = 0.1``, and takes as many of each new class). These samples are kept out of
-    training: every minibatch row equal to a held-out sample (the experience's own rows, and the rows
-    joined by ``replay_batch``) is dropped at ``before_training_iteration`` / ``before_forward``; a
-    minibatch whose own rows are all held out is kept whole (it cannot be empty). The held-out set is
-    part of the plugin's state, so a run resumed inside the experience drops the same rows.
+    training: the ``held_out`` contribution marks every row of the minibatch (the experience's own rows
+    and the rows joined by ``replay_batch``) equal, bit for bit, to a held-out sample, and the engine drops
+    them (a minibatch whose own rows are all held out keeps them: it cannot be empty). The held-out set
+    is part of the plugin's state, so a run resumed inside the experience drops the same rows.
 
-    **Stage 2.** At ``after_training_exp``, with the model frozen (eval mode, no gradient), the logits
-    ``o`` of the held-out set (the model's own, each earlier experience's pair applied to its classes)
-    give the newest pair by minimising eq. 6, the cross-entropy over the classes seen so far of
+    **Stage 2.** At ``after_training_exp``, with the model frozen (``strategy.infer``: eval mode, no
+    gradient, chunked), the logits ``o`` of the held-out set (the model's own, ``adapt=False``, then each
+    earlier experience's pair applied to its classes) give the newest pair by minimising eq. 6, the
+    cross-entropy over the classes seen so far of
 
         q_k = o_k                 for the old classes,
         q_k = alpha * o_k + beta  for the new classes of this experience      (eq. 5).
@@ -46,7 +45,8 @@ class BiasCorrection(Plugin):
     classes (earlier experiences keep their fitted pairs; the first experience has none), on every
     forward pass, training included, so that what the model learns after a pair was fitted is learnt
     through it (applied in evaluation only, SFM-5 seed 0 measured 0.803 against 0.810).
-    :meth:`uncorrected` gives a context in which ``adapt_logits`` passes logits through.
+    ``set_correction(active=False)`` (``strategy.uncorrected()``) makes ``adapt_logits`` pass logits
+    through until ``set_correction(active=True)``.
 
     Measured on SFM-5 (``bic`` recipe: Replay 500 + LwFDistill(weight=1) + this, seeds 0-2): 0.806, against
     0.783 with the pairs switched off; old / new accuracy after the last experience 0.779 / 0.914
@@ -54,9 +54,10 @@ class BiasCorrection(Plugin):
 
     Distillation (the paper's ``L_d``) is another plugin's: the ``bic`` recipe lists
     :class:`~streamcl.plugins.distill.LwFDistill`. It needs a plugin that owns ``memory`` and keeps its
-    exemplars as inputs; beside a memory of something else (latent replay's activations) it warns and
-    fits nothing. A memory owner that replays through its own loss term rather than ``replay_batch``
-    (dark replay) still trains on the held-out exemplars.
+    exemplars as inputs (a list without one is refused when the Strategy is built); beside a memory of
+    something else (latent replay's activations) it warns and fits nothing. A memory owner that replays
+    through its own loss term rather than ``replay_batch`` (dark replay) still trains on the held-out
+    exemplars. The model is used only through the engine's forward, so any model works.
     """
 
     needs = frozenset({"memory"})
@@ -69,15 +70,21 @@ class BiasCorrection(Plugin):
         self.pairs: list[dict] = []  # {"experience", "classes", "alpha", "beta"} of every fitted experience
         self.held: Batch | None = None  # this experience's held-out set, while it trains
         self.held_classes: tuple[list[int], list[int]] | None = None  # (old, new) classes of the held-out set
-        self._off = False  # inside uncorrected()
+        self._off = False  # switched off by set_correction(active=False)
         self._keys: Tensor | None = None  # row keys of the held-out set (a cache)
         self._affine: tuple | None = None  # (key, scale, shift) per-column vectors of the pairs (a cache)
         self._warned = False
 
     # ------------------------------------------------------------------------------ the held-out set
     @hookimpl
-    def before_training(self, strategy) -> None:
-        _memory_owner(strategy)  # refuse a strategy without a replay memory before any training
+    def setup(self, strategy) -> None:
+        owner = strategy.owner("memory")
+        if owner is None or not hasattr(owner, "memory"):
+            found = "no plugin owns the 'memory' role" if owner is None else \
+                f"{owner!r} owns 'memory' but keeps no replay memory (.memory)"
+            raise ConfigError(f"bias_correction holds out a share of the exemplars of a replay memory, and {found}; "
+                              "list a replay plugin with it, e.g. plugins=[Replay(memory=500), LwFDistill(), "
+                              "BiasCorrection()]")
 
     @hookimpl
     def before_training_exp(self, strategy) -> None:
@@ -85,14 +92,14 @@ class BiasCorrection(Plugin):
         exp = strategy.experience
         seen = {c for e in strategy.trained for c in e.classes}
         new = sorted(set(exp.classes) - seen)
-        memory = getattr(_memory_owner(strategy), "memory", None)
+        memory = strategy.memory
         if not new or memory is None or len(memory) == 0:
             return
         exemplars = memory.batch()
         data = as_batch(exp.dataset, strategy.device)
         if tuple(exemplars.x.shape[1:]) != tuple(data.x.shape[1:]):
             if not self._warned:
-                warnings.warn(f"bias_correction: the memory of {_memory_owner(strategy)!r} holds samples of shape "
+                warnings.warn(f"bias_correction: the memory of {strategy.owner('memory')!r} holds samples of shape "
                               f"{tuple(exemplars.x.shape[1:])}, not inputs of shape {tuple(data.x.shape[1:])}; "
                               "no correction is fitted", stacklevel=2)
                 self._warned = True
@@ -108,22 +115,9 @@ class BiasCorrection(Plugin):
         self._set_held(parts[0].cat(parts[1]), (old, new))
 
     @hookimpl
-    def before_training_iteration(self, strategy) -> None:
-        if self.held is None:
-            return
-        keep = ~self._is_held(strategy.batch.x)
-        if not bool(keep.all()) and bool(keep.any()):  # never an empty minibatch
-            strategy.batch = strategy.batch.select(keep)
-
-    @hookimpl
-    def before_forward(self, strategy) -> None:
-        n = strategy.n_current
-        if self.held is None or len(strategy.batch) == n:
-            return
-        keep = ~self._is_held(strategy.batch.x)
-        keep[:n] = True  # the experience's own rows were filtered before replay was joined
-        if not bool(keep.all()):
-            strategy.batch = strategy.batch.select(keep)
+    def held_out(self, batch: Batch) -> Tensor | None:
+        """The rows of the minibatch (replay joined) equal to a held-out sample."""
+        return None if self.held is None else self._is_held(batch.x)
 
     def _is_held(self, x: Tensor) -> Tensor:
         if self._keys is None or self._keys.device != x.device:
@@ -139,7 +133,7 @@ class BiasCorrection(Plugin):
         if self.held is None:
             return
         old, new = self.held_classes
-        z = _frozen_logits(strategy, self.held)
+        z = strategy.infer(self.held, adapt=False).raw  # the frozen model's own logits
         width = z.shape[1]
         z = correct(z, self.pairs)
         alpha, beta = fit_pair(z, self.held.y, [c for c in old if c < width], [c for c in new if c < width])
@@ -159,14 +153,10 @@ class BiasCorrection(Plugin):
         _, scale, shift = self._affine
         return logits * scale + shift
 
-    @contextmanager
-    def uncorrected(self) -> Iterator[BiasCorrection]:
-        """Within the context ``adapt_logits`` passes the logits through (no pair is applied)."""
-        self._off = True
-        try:
-            yield self
-        finally:
-            self._off = False
+    @hookimpl
+    def set_correction(self, active: bool) -> None:
+        """Off: ``adapt_logits`` passes the logits through (no pair is applied); on: the pairs again."""
+        self._off = not active
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -290,26 +280,3 @@ def fit_pair(logits: Tensor, y: Tensor, old: list[int], new: list[int], iteratio
     if not (math.isfinite(alpha) and math.isfinite(beta)):
         return 1.0, 0.0
     return alpha, beta
-
-
-@torch.no_grad()
-def _frozen_logits(strategy, data: Batch, chunk: int = 1024) -> Tensor:
-    """The model's own logits of ``data`` in evaluation mode, without gradients."""
-    model, was_training = strategy.model, strategy.model.training
-    model.eval()
-    try:
-        return torch.cat([strategy.forward(data.select(slice(i, i + chunk)), net=model).raw
-                          for i in range(0, len(data), chunk)])
-    finally:
-        model.train(was_training)
-
-
-def _memory_owner(strategy):
-    owner = strategy.owner("memory")
-    if owner is None or not hasattr(owner, "memory"):
-        found = "no plugin owns the 'memory' role" if owner is None else \
-            f"{owner!r} owns 'memory' but keeps no replay memory (.memory)"
-        raise ConfigError(f"bias_correction holds out a share of the exemplars of a replay memory, and {found}; "
-                          "list a replay plugin with it, e.g. plugins=[Replay(memory=500), LwFDistill(), "
-                          "BiasCorrection()]")
-    return owner

@@ -1,10 +1,11 @@
-"""BiC: the correction layer and its fit against hand computations, the held-out split, uncorrected(), state."""
+"""BiC: the correction layer and its fit against hand computations, the held-out split (the held_out hook),
+set_correction, refusals, state."""
 import math
 
 import pytest
 import torch
 
-from streamcl import ConfigError, PluginError, Strategy, hookimpl
+from streamcl import Batch, ConfigError, PluginError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.bias_correction import BiasCorrection, correct, fit_pair, is_held, row_keys
 from streamcl.plugins.distill import LwFDistill
@@ -42,10 +43,11 @@ def test_the_layer_is_differentiable_through_the_logits():
     assert z.grad.tolist() == [[1.0, 1.0, 0.5, 0.5, 2.0, 2.0]]
 
 
-def test_uncorrected_passes_the_logits_through():
+def test_set_correction_off_passes_the_logits_through_and_on_applies_the_pairs_again():
     plugin, z = with_pairs(), torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
-    with plugin.uncorrected():
-        assert plugin.adapt_logits(logits=z) is None
+    plugin.set_correction(active=False)
+    assert plugin.adapt_logits(logits=z) is None
+    plugin.set_correction(active=True)
     assert plugin.adapt_logits(logits=z).tolist() == [[1.0, 2.0, 1.75, 2.25, 9.0, 11.0]]
 
 
@@ -98,6 +100,17 @@ def test_rows_are_matched_bit_for_bit():
     assert is_held(torch.tensor([[-0.0, 1.0]]), zero, row_keys(zero)).tolist() == [False]  # bits: only copies match
     h = torch.arange(12, dtype=torch.uint8).reshape(4, 3)  # rows of 3 bytes: compared byte by byte
     assert is_held(h[[2, 0]], h[[0, 1]], row_keys(h[[0, 1]])).tolist() == [False, True]
+
+
+def test_the_held_out_hook_marks_the_rows_equal_to_a_held_out_sample():
+    plugin = BiasCorrection()
+    x = torch.tensor([[3.0, 4.0], [5.0, 6.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.5]])
+    batch = Batch(x, torch.tensor([2, 3, 0, 0, 0]), torch.zeros(5, dtype=torch.long))
+    assert plugin.held_out(batch=batch) is None  # nothing held out: no mask
+    held = Batch(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0, 2]), torch.zeros(2, dtype=torch.long))
+    plugin.load_state_dict({"pairs": [], "held": held, "held_classes": ([0], [2])})
+    # the rows 2, 3 (replayed copies of the held-out exemplar) and 0 (a new sample held out); the engine drops them
+    assert plugin.held_out(batch=batch).tolist() == [True, False, True, True, False]
 
 
 def build(plugins, n_classes=6, n_exp=3, epochs=2):
@@ -172,12 +185,44 @@ def test_a_real_run_fits_a_pair_per_experience_after_the_first_and_uncorrected_p
     assert all(math.isfinite(p["alpha"]) and math.isfinite(p["beta"]) for p in bic.pairs)
     s.eval(bench.test_stream)
     n = len(logits)
-    with bic.uncorrected():
+    assert s.corrects  # BiC implements set_correction: the runner also evaluates it uncorrected
+    with s.uncorrected():
         s.eval(bench.test_stream)
-    for raw, out in logits[:n]:
+    s.eval(bench.test_stream)  # switched back on
+    assert len(logits) == 3 * n
+    for raw, out in logits[:n] + logits[2 * n:]:
         assert torch.equal(out, correct(raw, bic.pairs))
-    for raw, out in logits[n:]:
+    for raw, out in logits[n:2 * n]:
         assert torch.equal(out, raw)
+
+
+def test_each_pair_is_fitted_on_the_frozen_models_own_logits_with_the_earlier_pairs_applied():
+    fits = []
+
+    class Frozen:  # listed before BiC: sees the model BiC fits on, and the pairs before the new one
+        def __init__(self, bic):
+            self.bic = bic
+
+        @hookimpl
+        def after_training_exp(self, strategy):
+            if self.bic.held is None:  # the first experience: nothing held out, no pair
+                return
+            held, (old, new) = self.bic.held, self.bic.held_classes
+            model = strategy.model
+            model.eval()
+            with torch.no_grad():
+                z = model(held.x)  # the bare model: no adapt_logits
+            model.train()
+            fits.append(fit_pair(correct(z, [dict(p) for p in self.bic.pairs]), held.y, old, new))
+
+    bic = BiasCorrection()
+    s, bench = build([Replay(memory=30), LwFDistill(), Frozen(bic), bic])
+    for e in bench.train_stream:
+        s.train(e)
+    assert len(fits) == 2 and len(bic.pairs) == 2
+    assert bic.pairs[0]["alpha"] != 1.0  # a real fit, and the second one saw the first pair
+    for (alpha, beta), pair in zip(fits, bic.pairs):
+        assert (pair["alpha"], pair["beta"]) == pytest.approx((alpha, beta), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- refusals and state
@@ -187,6 +232,12 @@ def test_refusals():
             BiasCorrection(ratio=ratio)
     with pytest.raises(PluginError, match="needs a plugin that owns the role 'memory'"):
         build([BiasCorrection()])
+
+    class NoMemory:  # owns the role but keeps no replay memory
+        owns = frozenset({"memory"})
+
+    with pytest.raises(ConfigError, match=r"NoMemory.*owns 'memory' but keeps no replay memory \(\.memory\)"):
+        build([NoMemory(), BiasCorrection()])  # refused by the setup hook, when the Strategy is built
 
 
 def test_state_round_trip():
