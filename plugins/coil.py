@@ -12,8 +12,8 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
-from streamcl.plugins.cosine_head import mean_directions
 from streamcl.plugins.distill import frozen
+from streamcl.plugins.nme import class_means
 from streamcl.plugins.wa import head_rows
 from streamcl.scenarios import as_batch
 
@@ -148,8 +148,8 @@ class COIL(Plugin):
                               f"stores samples of shape {tuple(stored.x.shape[1:])}, not the inputs' "
                               f"{tuple(self._new_data.x.shape[1:])}; use a replay memory of inputs (Replay)")
         stored = stored.select(keep)
-        old, old_protos = mean_directions(strategy.embed(stored), stored.y)
-        new, new_protos = mean_directions(strategy.embed(self._new_data), self._new_data.y)
+        old, old_protos = class_means(strategy.embed(stored), stored.y)
+        new, new_protos = class_means(strategy.embed(self._new_data), self._new_data.y)
         cost = torch.cdist(old_protos.double(), new_protos.double(), p=self.cost_norm)
         self.plan, self.old, self.new = sinkhorn_plan(cost, self.sinkhorn_reg), old.cpu(), new.cpu()
         return True

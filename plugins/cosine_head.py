@@ -6,13 +6,13 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
 from torch.utils.data import default_collate
 
 from streamcl import Plugin, hookimpl
 from streamcl.batch import Batch
 from streamcl.errors import ConfigError
 from streamcl.parts import replace_module
+from streamcl.plugins.nme import class_means
 from streamcl.plugins.wa import head_rows
 from streamcl.scenarios import TensorData, as_batch
 
@@ -51,16 +51,6 @@ class CosineLinear(nn.Module):
     def extra_repr(self) -> str:
         learned = "learned" if isinstance(self.scale, nn.Parameter) else "fixed"
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={learned}"
-
-
-def mean_directions(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The classes present in ``labels`` (ascending) and, for each, the normalised mean of its samples' normalised
-    ``features`` (iCaRL's class means, LUCIR's imprinted weights, COIL's prototypes)."""
-    phi = F.normalize(features.float().flatten(1), dim=1)
-    classes, index = torch.unique(labels, sorted=True, return_inverse=True)
-    sums = torch.zeros(len(classes), phi.shape[1], device=phi.device).index_add_(0, index, phi)
-    counts = torch.bincount(index, minlength=len(classes)).to(phi)
-    return classes, F.normalize(sums / counts[:, None], dim=1)
 
 
 def final_relu(strategy, sample: Batch) -> str | None:
@@ -206,7 +196,7 @@ class CosineHead(Plugin):
                               "head; another plugin replaced it, and a strategy takes one plugin per head")
         data = as_batch(exp.dataset, strategy.device)
         part = data.select(torch.isin(data.y, torch.tensor(new, device=data.y.device)))
-        classes, means = mean_directions(strategy.embed(part), part.y)
+        classes, means = class_means(strategy.embed(part), part.y)
         self.imprint_rows(head, classes, means, self.classes)
         # stale momentum of the rows' earlier (untrained) life would turn them at once
         strategy.forget_momentum(head.weight, rows=classes[classes < head.out_features].to(head.weight.device))

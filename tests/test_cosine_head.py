@@ -9,7 +9,7 @@ from torch import nn
 
 from streamcl import Batch, ConfigError, PluginError, Strategy, TensorData
 from streamcl.models import MLP, Classifier
-from streamcl.plugins.cosine_head import CosineHead, CosineLinear, final_relu, mean_directions
+from streamcl.plugins.cosine_head import CosineHead, CosineLinear, final_relu
 from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
 from tests.conftest import image_benchmark, resnet18, sequential
@@ -126,13 +126,6 @@ def test_the_relu_whose_output_is_the_heads_input_is_found_or_none(make, shape, 
 
 
 # ----------------------------------------------------------------------------- imprinting
-def test_mean_directions_by_hand():
-    # class 2: unit features (1, 0), (0, 1) -> mean direction (1, 1)/sqrt(2); class 0: (0, -3) -> (0, -1)
-    classes, means = mean_directions(torch.tensor([[2.0, 0.0], [0.0, -3.0], [0.0, 0.5]]), torch.tensor([2, 0, 2]))
-    assert classes.tolist() == [0, 2]
-    assert torch.allclose(means, torch.tensor([[0.0, -1.0], [2 ** -0.5, 2 ** -0.5]]), atol=1e-6)
-
-
 def identity_strategy(weight):
     """A strategy on a model whose features are its inputs, with the cosine head in place and momentum of ones."""
     model = Classifier(nn.Identity(), nn.Linear(weight.shape[1], weight.shape[0], bias=False), weight.shape[1])
