@@ -49,11 +49,11 @@ def test_greedy_sampler_keeps_classes_balanced_over_a_stream(seed):
         assert max(counts(memory).values()) - min(counts(memory).values()) <= 1 and len(counts(memory)) == n
 
 
-def train(plugin, n_exp=2, **kwargs):
+def train(plugin, n_exp=2, plugins_after=(), **kwargs):
     torch.manual_seed(0)
     bench = tiny_benchmark(2 * n_exp, n_exp)
     model = MLP(8, [16], 2 * n_exp)
-    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=[plugin],
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=[plugin, *plugins_after],
                  batch_size=16, seed=0, **kwargs)
     return s, bench
 
@@ -131,6 +131,22 @@ def test_the_retraining_logs_its_loss_and_takes_the_options_given():
     with pytest.raises(ConfigError, match="GDumb momentum.*Adam.*no 'momentum'"):
         Strategy(model, torch.optim.Adam(model.parameters()), plugins=[GDumb(momentum=0.9)])
     Strategy(model, torch.optim.Adam(model.parameters()), plugins=[GDumb(lr=0.01, weight_decay=0.1)])
+
+
+def test_the_retraining_is_training_so_prediction_only_logit_transforms_stand_aside():
+    class PredictionOnly:  # as NME: replaces the logits in prediction only (here by NaN, which would break a step)
+        @hookimpl
+        def adapt_logits(self, strategy, logits):
+            return None if strategy.is_training else torch.full_like(logits, float("nan"))
+
+    weights = []
+    for extra in ([], [PredictionOnly()]):
+        s, bench = train(GDumb(memory=12, epochs=3), plugins_after=extra)
+        s.train(bench.train_stream[0])
+        s.eval(bench.test_stream)
+        assert not s.is_training
+        weights.append(s.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_a_growing_head_is_reset_too():
