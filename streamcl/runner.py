@@ -25,7 +25,7 @@ def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
     """Load ``out``'s last checkpoint; with none there (killed before the first), start from the beginning."""
     if out is None:
         raise ConfigError("resuming needs the output folder of the run to resume (--out)")
-    if not strategy.checkpoint_path.is_file():
+    if not strategy.checkpoint_path.exists():  # a directory there is refused by the load, not skipped
         if dist.is_main():
             print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning",
                   file=sys.stderr)
