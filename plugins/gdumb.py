@@ -120,16 +120,12 @@ class GDumb(Plugin):
         def loss(batch):  # the plain module, not the DDP wrapper: every rank repeats it, no collectives
             return strategy.task_loss(strategy.forward(batch, net=model), batch)
 
-        was_training, engine_training = model.training, strategy.is_training
+        was_training = model.training
         model.train()
-        # the retraining is training, inside an evaluation: adapt_logits that act only in prediction (NME's
-        # nearest-mean scores) stand aside, as in the engine's loop
-        strategy.is_training = True
-        try:
+        try:  # fit runs as training: adapt_logits that act only in prediction (NME's) stand aside
             strategy.fit(self.memory.batch(), loss, [p for p in model.parameters() if p.requires_grad],
                          epochs=self.epochs, name="gdumb", batch_size=self.batch_size, **options)
         finally:
-            strategy.is_training = engine_training
             model.train(was_training)
         self.pending = False
 

@@ -426,12 +426,14 @@ class Strategy:
         Trains ``params`` for ``epochs`` on shuffled minibatches of ``data`` (order from ``self.generator``),
         minimising ``loss(minibatch)``, with a fresh optimizer of the strategy's kind: each parameter keeps
         the settings (learning rate...) of its group in the strategy's optimizer, ``options`` override them.
-        Logs ``loss/<name>`` (each epoch's mean) and returns those means.
+        Logs ``loss/<name>`` (each epoch's mean) and returns those means. ``strategy.is_training`` is true
+        while it runs.
         """
         params = list(params)
         optimizer = type(self.optimizer)(self._groups_for(params, options))
-        size, means = batch_size or self.batch_size, []
-        with torch.enable_grad():
+        size, means, was_training = batch_size or self.batch_size, [], self.is_training
+        self.is_training = True  # plugins' forward transforms see a training pass, also when fit runs in eval
+        with torch.enable_grad(), _restore(self, "is_training", was_training):
             for _ in range(epochs):
                 order = torch.randperm(len(data), generator=self.generator).to(data.y.device)
                 total = torch.zeros((), device=self.device)
@@ -584,3 +586,11 @@ class Strategy:
 
 def _takes_task(model: nn.Module) -> bool:
     return "task_labels" in inspect.signature(model.forward).parameters
+
+
+@contextmanager
+def _restore(obj, name: str, value) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        setattr(obj, name, value)
