@@ -172,7 +172,8 @@ class Anchors:
 
     ``penalty(model)`` is ``sum_k sum_i c_ki (theta_i - a_ki)^2`` over the points added with
     :meth:`add` (``c`` the weight times the importance, ``a`` the anchor values). A parameter that
-    grew since (a head with more classes) is compared on its leading rows; one that is gone is skipped.
+    grew since (a head with more classes) is compared on its leading rows; one that is gone, or that was
+    reshaped otherwise (units pruned by DER: a new parameter under the old name), is skipped.
     """
 
     def __init__(self, name: str):
@@ -235,7 +236,10 @@ class Anchors:
                 p = params.get(n)
                 if p is None or not p.requires_grad:
                     continue
-                p = p[: c.shape[0]] if p.dim() and p.shape[1:] == c.shape[1:] else p
+                if p.shape != c.shape:
+                    if not (p.dim() and p.shape[1:] == c.shape[1:] and p.shape[0] >= c.shape[0]):
+                        continue
+                    p = p[: c.shape[0]]
                 out = out + (c * (p - anchors[n]).square()).sum()
         return out
 

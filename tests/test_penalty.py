@@ -68,6 +68,17 @@ def test_penalty_is_the_weighted_squared_distance_to_every_anchor():
     assert torch.allclose(model.bias.grad, torch.full((2,), 2 * 1.0 * -2.0))
 
 
+def test_a_grown_parameter_is_compared_on_its_leading_rows_and_a_reshaped_one_is_skipped():
+    anchors = Anchors("test")
+    anchors.add({"w": torch.full((2, 3), 2.0), "v": torch.ones(4, 2)}, {"w": torch.zeros(2, 3), "v": torch.zeros(4, 2)})
+    model = nn.Module()
+    model.w = nn.Parameter(torch.ones(5, 3))  # grew from 2 rows to 5: the first 2 are compared
+    model.v = nn.Parameter(torch.ones(4, 7))  # pruned or rebuilt to another width: a new parameter
+    assert anchors.penalty(model).item() == pytest.approx(2.0 * 2 * 3)
+    model.v = nn.Parameter(torch.ones(3, 2))  # fewer rows than anchored: skipped too
+    assert anchors.penalty(model).item() == pytest.approx(2.0 * 2 * 3)
+
+
 def test_decay_folds_the_points_into_one_at_the_newest_anchor():
     anchors = Anchors("test")
     anchors.add({"w": torch.tensor([1.0, 2.0])}, {"w": torch.zeros(2)})
