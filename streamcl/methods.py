@@ -70,9 +70,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                build_plugin("margin_ranking"), build_plugin("bias_correction", ratio=ratio)]),
     Recipe("der", "dynamically expandable representation: a masked extractor per experience beside the frozen ones, "
            "pruned after it; auxiliary |new|+1-way classifier; classifier retrained on the memory",
-           lambda memory=500, sparsity_weight=1.0, classifier_epochs=30: [
+           lambda memory=500, sparsity_weight=1.0, classifier_epochs=30, masks=True: [
                build_plugin("replay", memory=memory),
-               build_plugin("der", sparsity_weight=sparsity_weight, classifier_epochs=classifier_epochs)]),
+               build_plugin("der", sparsity_weight=sparsity_weight, classifier_epochs=classifier_epochs, masks=masks)]),
     Recipe("coil", "co-transport (COIL): an optimal-transport plan between old and new class prototypes initialises the "
            "new head rows from the old ones and carries the new rows back to keep the old predictions; with replay and LwF",
            lambda memory=500, weight=1.0, **options: [build_plugin("replay", memory=memory),

@@ -1,5 +1,7 @@
-"""DER (dynamically expandable representation): aux labels, frozen extractors, masks (eq. 5-6), sparsity (eq. 8),
-pruning by hand, parameter counts, the classifier stage, refusals, resume."""
+"""DER (dynamically expandable representation): aux labels, frozen extractors, fresh extractors, masks (eq. 5-6),
+sparsity (eq. 8), pruning by hand, parameter counts, the classifier stage and its correction, any model (masks
+refused where the layers do not allow them, DER(masks=False) on ResNet-18 and a ViT), refusals, resume."""
+import copy
 import math
 
 import pytest
@@ -7,11 +9,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from streamcl import Plugin, Strategy, hookimpl
+from streamcl import Batch, Plugin, Strategy, hookimpl
 from streamcl.errors import ConfigError
+from streamcl.masks import MaskedSequential, annealed_scale, find_units, hat_mask
 from streamcl.models import MLP, SmallCNN
 from streamcl.plugins.der import DER, DERNet, aux_labels
 from streamcl.plugins.replay import Replay
+from tests.conftest import USER_MODELS, image_benchmark
 from tests.reliability import Crash, crash_at_step, numbers, tiny_run
 from tests.synthetic import tiny_benchmark
 
@@ -27,9 +31,28 @@ def bench(n_experiences: int = 3):
     return tiny_benchmark(n_classes=2 * n_experiences, n_experiences=n_experiences)
 
 
-def net(hidden=(16, 16), n_classes: int = 4, seed: int = 0) -> DERNet:
+def net(hidden=(16, 16), n_classes: int = 4, seed: int = 0, masks: bool = True, dropout: float = 0.0) -> DERNet:
+    """DER's network on an MLP, as the plugin builds it: the extractor (head -> Identity) and the head."""
     torch.manual_seed(seed)
-    return DERNet(MLP(8, list(hidden), n_classes))
+    model = MLP(8, list(hidden), n_classes, dropout=dropout)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    units = find_units(s.extractor(), "MLP", "der", "use DER(masks=False)") if masks else None
+    return DERNet(s.extractor(), s.head, units)
+
+
+def body(model: DERNet, k: int) -> nn.Sequential:
+    """Extractor k's Linear layers (the MLP's backbone; inside the masks while it has them)."""
+    seq = model.extractors[k].backbone
+    return seq.seq if isinstance(seq, MaskedSequential) else seq
+
+
+def state(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, module: nn.Module) -> bool:
+    b = module.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------ auxiliary classifier
@@ -58,7 +81,7 @@ def test_the_aux_term_is_the_cross_entropy_of_the_aux_head_on_the_whole_batch_by
                 seen["n_old"] = int((batch.y < 2).sum())
                 seen["outputs"] = model.aux.out_features
 
-    # the spy reads the model before the step, so it must see the weights the term was computed with: lr 0
+    # the spy reads the model after the step, so it must see the weights the term was computed with: lr 0
     torch.manual_seed(0)
     model = MLP(8, [16], 4)
     s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.0), plugins=[Replay(memory=20), DER(), Spy()],
@@ -81,7 +104,7 @@ def test_no_aux_classifier_at_the_first_experience_and_none_left_after_training(
     s.train(bench().train_stream[:2])
     assert all(t == ["der_sparsity", "task"] for e, t in terms if e == 0)
     assert all(t == ["der_aux", "der_sparsity", "task"] for e, t in terms if e == 1)
-    assert s.model.aux is None and len(s.model.mask_logits) == 0
+    assert s.model.aux is None and s.model.masked() is None
 
 
 # ------------------------------------------------------------------------------ expansion and freezing
@@ -89,21 +112,19 @@ def test_frozen_extractors_do_not_change():
     s = strategy([Replay(memory=20), DER()], hidden=(16, 16))
     stream = bench().train_stream
     s.train(stream[0])
-    first = {k: v.clone() for k, v in s.model.extractors[0].state_dict().items()}
+    first = state(s.model.extractors[0])
     s.train(stream[1])
     assert all(not p.requires_grad for p in s.model.extractors[0].parameters())
-    assert all(torch.equal(first[k], v) for k, v in s.model.extractors[0].state_dict().items())
-    second = {k: v.clone() for k, v in s.model.extractors[1].state_dict().items()}
+    assert same(first, s.model.extractors[0])
+    second = state(s.model.extractors[1])
     s.train(stream[2])
-    assert all(torch.equal(first[k], v) for k, v in s.model.extractors[0].state_dict().items())
-    assert all(torch.equal(second[k], v) for k, v in s.model.extractors[1].state_dict().items())
+    assert same(first, s.model.extractors[0]) and same(second, s.model.extractors[1])
     assert len(s.model.extractors) == 3
     assert all(p.requires_grad for p in s.model.extractors[2].parameters())
 
 
 def test_frozen_extractors_run_in_evaluation_mode():
-    torch.manual_seed(0)
-    model = DERNet(MLP(8, [16], 4, dropout=0.5))
+    model = net(hidden=(16,), masks=False, dropout=0.5)
     model.expand(torch.Generator().manual_seed(0), 2)
     model.train()
     assert not model.extractors[0].training and model.extractors[1].training
@@ -112,29 +133,40 @@ def test_frozen_extractors_run_in_evaluation_mode():
 
 
 def test_the_new_head_starts_from_the_old_one_and_the_features_are_concatenated():
-    model = net(hidden=(16,))
-    old = model.head.blocks[0].detach().clone()
+    model = net(hidden=(16,), masks=False)
+    old = model.head.weight.detach().clone()
     x = torch.randn(5, 8)
     before = model(x)
     model.expand(torch.Generator().manual_seed(0), 2)
-    logits, features = model(x, return_features=True)
     f0, f1 = model.extract(0, x), model.extract(1, x)
-    assert torch.equal(features, torch.cat([f0, f1], 1)) and features.shape == (5, 32)
-    assert torch.equal(model.head.blocks[0], old)
-    assert torch.allclose(logits, before + f1 @ model.head.blocks[1].T, atol=1e-6)
+    assert torch.equal(model.head.weight[:, :16], old) and model.head.weight.shape == (4, 32)
+    assert torch.allclose(model(x), before + f1 @ model.head.weight[:, 16:].T, atol=1e-6)
+    assert torch.allclose(model(x), torch.cat([f0, f1], 1) @ model.head.weight.T + model.head.bias, atol=1e-6)
     assert model.aux.in_features == 16 and model.aux.out_features == 3
     assert model.feature_dim == 32
 
 
-def test_a_fresh_extractor_is_drawn_from_the_generator():
-    a, b = net(hidden=(16,)), net(hidden=(16,))
+def test_a_fresh_extractor_is_drawn_from_the_generator_and_leaves_torchs_generator_alone():
+    a, b, c = net(hidden=(16,)), net(hidden=(16,)), net(hidden=(16,))
+    rng = torch.get_rng_state()
     a.expand(torch.Generator().manual_seed(3), 2)
+    assert torch.equal(torch.get_rng_state(), rng)  # forked: torch's own generator is where it was
     b.expand(torch.Generator().manual_seed(3), 2)
-    c = net(hidden=(16,))
     c.expand(torch.Generator().manual_seed(4), 2)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert not torch.equal(a.extractors[1][1].weight, c.extractors[1][1].weight)
-    assert not torch.equal(a.extractors[1][1].weight, a.extractors[0][1].weight)
+    assert not torch.equal(body(a, 1)[1].weight, body(c, 1)[1].weight)
+    assert not torch.equal(body(a, 1)[1].weight, body(a, 0)[1].weight)
+    bound = 1 / math.sqrt(8)  # nn.Linear's initialisation, at full width
+    assert body(a, 1)[1].weight.shape == (16, 8) and body(a, 1)[1].weight.abs().max() <= bound
+
+
+def test_a_fresh_extractor_is_full_width_after_the_first_was_pruned():
+    model = net(hidden=(16, 12))
+    model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
+    model.prune([(torch.arange(16) < 3).float(), (torch.arange(12) < 5).float()])
+    assert model.widths(0) == [3, 5]
+    model.expand(torch.Generator().manual_seed(0), 2)
+    assert model.widths(1) == [16, 12] and model.head.in_features == 5 + 12
 
 
 def test_the_optimizer_follows_the_new_and_the_pruned_parameters():
@@ -146,32 +178,45 @@ def test_the_optimizer_follows_the_new_and_the_pruned_parameters():
         assert held == {id(p) for p in s.model.parameters()}
 
 
-def test_a_growing_head_grows_every_block():
-    s = strategy([Replay(memory=20), DER()], growing=True)
+def test_a_growing_head_grows_with_every_extractors_columns():
+    s = strategy([Replay(memory=20), DER(masks=False)], growing=True)
     stream = bench().train_stream
     for i, exp in enumerate(stream):
         s.train(exp)
-        assert [b.shape[0] for b in s.model.head.blocks] == [2 * (i + 1)] * (i + 1)
+        assert s.model.head.weight.shape == (2 * (i + 1), 16 * (i + 1))
         assert s.model.head.bias.shape == (2 * (i + 1),)
     res = s.eval(bench().test_stream)
     assert len(res["accuracy"]) == 3
 
 
+def test_the_wrapper_exposes_its_head_to_the_engine():
+    s = strategy([Replay(memory=20), DER()])
+    s.train(bench().train_stream[:2])
+    assert s.head_path == "head" and s.head is s.model.head
+    assert s.feature_dim == s.model.head.in_features
+    x = torch.randn(4, 8)
+    out = s.infer(Batch(x, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)))
+    s.model.eval()
+    assert torch.allclose(out.features, torch.cat([s.model.extract(0, x), s.model.extract(1, x)], 1))
+
+
 # ------------------------------------------------------------------------------ masks (eq. 5-6) and sparsity (eq. 8)
 def test_the_mask_is_sigmoid_of_s_e_with_hat_compensated_gradient():
-    model = net()
-    model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
-    model.train()
-    model.s = 7.0
-    e = model.mask_logits[0]
-    (m, _) = model.masks()
+    e = torch.randn(16, requires_grad=True)
+    m = hat_mask(e, 7.0, 400.0)
     assert torch.equal(m.detach(), torch.sigmoid(7.0 * e.detach()))
     c = torch.randn(16)
     (m * c).sum().backward()
     sig = torch.sigmoid(e.detach())
     assert torch.allclose(e.grad, 400.0 * sig * (1 - sig) * c, rtol=1e-6)
+    model = net()
+    model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
+    masked = model.masked()
+    model.train()
+    masked.s = 7.0
+    assert torch.equal(masked.masks()[0].detach(), torch.sigmoid(7.0 * masked.mask_logits[0].detach()))
     model.eval()
-    assert torch.equal(model.masks()[0].detach(), torch.sigmoid(400.0 * e.detach()))
+    assert torch.equal(masked.masks()[0].detach(), torch.sigmoid(400.0 * masked.mask_logits[0].detach()))
 
 
 def test_the_masks_multiply_the_units_of_the_newest_extractor():
@@ -179,8 +224,8 @@ def test_the_masks_multiply_the_units_of_the_newest_extractor():
     model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
     model.eval()
     x = torch.randn(5, 8)
-    m1, m2 = (torch.sigmoid(400.0 * e.detach()) for e in model.mask_logits)
-    ext = model.extractors[0]
+    m1, m2 = (torch.sigmoid(400.0 * e.detach()) for e in model.masked().mask_logits)
+    ext = body(model, 0)
     h = F.relu(ext[1](x)) * m1
     h = F.relu(ext[3](h)) * m2
     assert torch.allclose(model.extract(0, x), h, atol=1e-6)
@@ -192,24 +237,25 @@ def test_s_anneals_within_each_epoch_as_eq_6():
     class Spy(Plugin):
         @hookimpl
         def before_forward(self, strategy):
-            s_values.append((strategy.epoch, strategy.iteration, strategy.model.s))
+            s_values.append(strategy.model.masked().s)
 
     s = strategy([DER(s_max=100.0), Spy()])  # 40 samples, batch 16: B = 3 batches an epoch
     s.train(bench().train_stream[0])
     expected = [1 / 100 + (100 - 1 / 100) * b / 2 for b in range(3)]
-    assert [v for _, _, v in s_values] == pytest.approx(expected * 2)
+    assert s_values == pytest.approx(expected * 2)
+    assert annealed_scale(0, 1, 100.0) == 100.0
 
 
 def test_the_sparsity_loss_is_eq_8_by_hand():
     model = net(hidden=(16, 12))
     model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
     model.train()
-    model.s = 2.0
-    m1, m2 = (torch.sigmoid(2.0 * e.detach()) for e in model.mask_logits)
+    model.masked().s = 2.0
+    m1, m2 = (torch.sigmoid(2.0 * e.detach()) for e in model.masked().mask_logits)
     expected = (8 * m1.sum() + m1.sum() * m2.sum()) / (8 * 16 + 16 * 12)
     assert torch.allclose(model.sparsity().detach(), expected)
     with torch.no_grad():
-        for e in model.mask_logits:
+        for e in model.masked().mask_logits:
             e.fill_(float("inf"))
     assert model.sparsity().item() == pytest.approx(1.0)
 
@@ -220,7 +266,7 @@ def test_mask_embeddings_stay_within_hats_bound():
     class Spy(Plugin):
         @hookimpl
         def after_training_iteration(self, strategy):
-            seen.append(max(float(e.detach().abs().max()) for e in strategy.model.mask_logits))
+            seen.append(max(float(e.detach().abs().max()) for e in strategy.model.masked().mask_logits))
 
     s = strategy([DER(sparsity_weight=1e4), Spy()])
     s.train(bench().train_stream[0])
@@ -231,7 +277,7 @@ def test_mask_embeddings_stay_within_hats_bound():
 # ------------------------------------------------------------------------------ pruning
 def binary_masks(model: DERNet, keep1, keep2):
     with torch.no_grad():
-        for e, keep in zip(model.mask_logits, (keep1, keep2)):
+        for e, keep in zip(model.masked().mask_logits, (keep1, keep2)):
             e.copy_(torch.where(torch.tensor(keep), float("inf"), float("-inf")))
 
 
@@ -244,18 +290,22 @@ def test_pruning_removes_units_and_keeps_the_outputs_for_a_0_1_mask():
     binary_masks(model, keep1, keep2)
     model.eval()
     x = torch.randn(7, 8)
-    before, features_before = model(x, return_features=True)
-    ext = model.extractors[1]
+    before = model(x)
+    features_before = torch.cat([model.extract(0, x), model.extract(1, x)], 1)
+    ext = body(model, 1)
     w1, b1, w2, b2 = (t.detach().clone() for t in (ext[1].weight, ext[1].bias, ext[3].weight, ext[3].bias))
-    block = model.head.blocks[1].detach().clone()
+    head = model.head.weight.detach().clone()
     kept = model.prune()
     assert kept == [6, 8]
     i1, i2 = torch.tensor(keep1).nonzero().flatten(), torch.tensor(keep2).nonzero().flatten()
+    ext = body(model, 1)
+    assert isinstance(model.extractors[1].backbone, nn.Sequential)  # the masks are gone
     assert torch.equal(ext[1].weight, w1[i1]) and torch.equal(ext[1].bias, b1[i1])
     assert torch.equal(ext[3].weight, w2[i2][:, i1]) and torch.equal(ext[3].bias, b2[i2])
-    assert torch.equal(model.head.blocks[1], block[:, i2])
-    assert model.aux is None and len(model.mask_logits) == 0
-    after, features_after = model(x, return_features=True)
+    assert torch.equal(model.head.weight, torch.cat([head[:, :16], head[:, 16 + i2]], 1))
+    assert model.aux is None and model.masked() is None
+    after = model(x)
+    features_after = torch.cat([model.extract(0, x), model.extract(1, x)], 1)
     assert torch.allclose(after, before, atol=1e-6)
     assert torch.allclose(features_after, torch.cat([features_before[:, :16], features_before[:, 16 + i2]], 1))
     assert model.feature_dim == 16 + 8
@@ -266,7 +316,7 @@ def test_pruning_folds_the_kept_masks_into_the_weights():
     model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
     x = torch.randn(7, 8)
     values = [torch.linspace(0, 1, 16)]  # units with a mask below 0.5 go, the others keep their scale
-    expected = model.head(F.relu(model.extractors[0][1](x)) * (values[0] * (values[0] >= 0.5)))
+    expected = model.head(F.relu(body(model, 0)[1](x)) * (values[0] * (values[0] >= 0.5)))
     model.prune(values)
     assert model.widths() == [8]
     assert torch.allclose(model(x), expected, atol=1e-6)
@@ -277,9 +327,9 @@ def test_pruning_keeps_one_unit_of_a_layer_the_mask_closed_entirely():
     model.add_masks(torch.Generator().manual_seed(0), s_max=400.0)
     values = torch.full((16,), 0.1)
     values[5] = 0.2
-    weight = model.extractors[0][1].weight.detach().clone()
+    weight = body(model, 0)[1].weight.detach().clone()
     assert model.prune([values]) == [1]
-    assert torch.allclose(model.extractors[0][1].weight, 0.2 * weight[5:6])
+    assert torch.allclose(body(model, 0)[1].weight, 0.2 * weight[5:6])
 
 
 def test_the_parameter_count_falls_after_pruning_by_hand():
@@ -294,16 +344,17 @@ def test_the_parameter_count_falls_after_pruning_by_hand():
     assert model.unpruned_parameters() == full
 
 
-def test_the_plugin_records_fewer_parameters_per_experience_than_without_pruning():
+def test_the_plugin_records_fewer_parameters_per_experience_than_without_masks():
     pruned = DER(sparsity_weight=1.0)
     s = strategy([Replay(memory=20), pruned], hidden=(16, 16))
     s.train(bench().train_stream)
-    full = DER(prune=False)
+    full = DER(masks=False)
     t = strategy([Replay(memory=20), full], hidden=(16, 16))
     t.train(bench().train_stream)
     one = 8 * 16 + 16 + 16 * 16 + 16
     assert full.params_per_experience == [k * one + 6 * 16 * k + 6 for k in (1, 2, 3)]
-    assert full.units_per_experience == [[16, 16]] * 3
+    assert full.units_per_experience == [[16]] * 3  # without masks: each extractor's features
+    assert [len(u) for u in pruned.units_per_experience] == [2] * 3
     assert pruned.unpruned_params_per_experience == full.params_per_experience
     assert all(p < q for p, q in zip(pruned.params_per_experience, full.params_per_experience))
     assert pruned.params_per_experience == sorted(pruned.params_per_experience)
@@ -313,33 +364,159 @@ def test_the_plugin_records_fewer_parameters_per_experience_than_without_pruning
 
 # ------------------------------------------------------------------------------ classifier learning stage
 def test_the_classifier_stage_moves_only_the_head_and_only_after_the_first_experience():
-    import copy
     der = DER(classifier_epochs=3, classifier_temperature=5.0)
     s = strategy([Replay(memory=20), der], hidden=(16, 16))
     calls = []
     original = der._learn_classifier
-    der._learn_classifier = lambda strategy, model: (calls.append(strategy.experience.index), original(strategy, model))
+    der._learn_classifier = lambda strategy: (calls.append(strategy.experience.index), original(strategy))
     s.train(bench().train_stream[:2])
     assert calls == [1]
     before = copy.deepcopy(s.model)
-    der._learn_classifier(s, s.model)  # once more, by hand: only the head's entries move
+    der._learn_classifier(s)  # once more, by hand: only the head's entries move
     old, new = before.state_dict(), s.model.state_dict()
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed and all(k.startswith("head.") for k in changed)
 
 
-def test_the_classifier_stage_needs_a_memory_listed_before_der():
+def test_the_classifier_stage_is_sgd_on_the_memorys_features_at_the_temperature_by_hand():
+    der = DER(classifier_epochs=3, classifier_temperature=5.0)
+    s = strategy([Replay(memory=20), der], hidden=(16, 16))
+    s.train(bench().train_stream[:2])
+    data = s.memory.batch()
+    s.model.eval()
+    with torch.no_grad():
+        features = torch.cat([s.model.extract(0, data.x), s.model.extract(1, data.x)], 1)
+    s.model.train()
+    w = s.head.weight.detach().clone().requires_grad_()
+    b = s.head.bias.detach().clone().requires_grad_()
+    start = (w.detach().clone(), b.detach().clone())
+    order = torch.Generator()
+    order.set_state(s.generator.get_state())
+    der._learn_classifier(s)
+    opt = torch.optim.SGD([w, b], lr=0.1, momentum=0.9)  # the strategy's kind and settings, a fresh one
+    for _ in range(3):
+        perm = torch.randperm(len(data), generator=order)
+        for i in range(0, len(perm), 16):
+            idx = perm[i:i + 16]
+            opt.zero_grad()
+            F.cross_entropy((features[idx] @ w.T + b) / 5.0, data.y[idx]).backward()
+            opt.step()
+    assert torch.allclose(s.head.weight, w, atol=1e-5) and torch.allclose(s.head.bias, b, atol=1e-5)
+    assert torch.equal(der.head_before_stage["weight"], start[0])
+    assert torch.equal(der.head_before_stage["bias"], start[1])
+
+
+def test_the_classifier_stage_needs_a_memory_listed_before_der_refused_at_construction():
     with pytest.raises(ConfigError, match="owns 'memory'"):
-        strategy([DER(classifier_epochs=2)]).train(bench().train_stream[0])
+        strategy([DER(classifier_epochs=2)])
     with pytest.raises(ConfigError, match="list Replay before der"):
-        strategy([DER(classifier_epochs=2), Replay(memory=20)]).train(bench().train_stream[0])
+        strategy([DER(classifier_epochs=2), Replay(memory=20)])
+
+
+def test_the_correction_off_predicts_with_the_classifier_before_the_stage_and_on_puts_it_back():
+    der = DER(classifier_epochs=3)
+    s = strategy([Replay(memory=20), der], hidden=(16, 16))
+    s.train(bench().train_stream[0])
+    assert der.head_before_stage is None  # no stage after the first experience
+    s.train(bench().train_stream[1])
+    x = torch.randn(5, 8)
+    s.model.eval()
+    with torch.no_grad():
+        after = s.model(x)
+        weight, bias = s.head.weight, s.head.bias
+        retrained = (weight.clone(), bias.clone())
+        features = torch.cat([s.model.extract(0, x), s.model.extract(1, x)], 1)
+        before = features @ der.head_before_stage["weight"].T + der.head_before_stage["bias"]
+        assert s.corrects
+        with s.uncorrected():
+            inside = s.model(x)
+        assert torch.allclose(inside, before, atol=1e-6) and not torch.allclose(inside, after)
+        assert torch.equal(s.model(x), after)
+        assert s.head.weight is weight and torch.equal(weight, retrained[0]) and torch.equal(bias, retrained[1])
+
+
+def test_without_the_stage_the_correction_changes_nothing():
+    s = strategy([Replay(memory=20), DER()])
+    s.train(bench().train_stream[:2])
+    x = torch.randn(5, 8)
+    s.model.eval()
+    with torch.no_grad():
+        after = s.model(x)
+        with s.uncorrected():
+            assert torch.equal(s.model(x), after)
+
+
+# ------------------------------------------------------------------------------ any model
+def user_strategy(name: str, plugins):
+    torch.manual_seed(0)
+    model = USER_MODELS[name]()
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), plugins=plugins, epochs=1,
+                    batch_size=8, eval_batch_size=16, seed=0)
+
+
+@pytest.mark.parametrize("name,holds", [("resnet18", "ResNet's extractor holds Conv2d, BatchNorm2d"),
+                                        ("vit", "VisionTransformer's extractor holds VisionTransformer.cls_token")])
+def test_masks_on_a_backbone_without_fully_connected_units_are_refused_at_construction(name, holds):
+    with pytest.raises(ConfigError, match=f"der masks the units of fully connected layers; {holds}.*"
+                                          r"use DER\(masks=False\)"):
+        user_strategy(name, [DER()])
+    from streamcl.methods import build_method
+    with pytest.raises(ConfigError, match="der masks the units"):
+        user_strategy(name, build_method("der")[0])
+    user_strategy(name, build_method("der", masks=False)[0])  # the recipe switches them off
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_der_without_masks_runs_on_any_backbone_and_keeps_earlier_extractors_bit_identical(name):
+    fresh = {}
+
+    class Spy(Plugin):
+        @hookimpl
+        def before_training_exp(self, strategy):
+            fresh[strategy.experience.index] = state(strategy.model.extractors[-1])
+
+    torch.manual_seed(0)
+    initial = state(USER_MODELS[name]())  # the model user_strategy builds, before any training
+    s = user_strategy(name, [Replay(memory=8), DER(masks=False, classifier_epochs=1), Spy()])
+    bench = image_benchmark(n_classes=4, n_experiences=2, n_per_class=4)
+    s.train(bench.train_stream[0])
+    first = state(s.model.extractors[0])
+    assert not same({k: v for k, v in initial.items() if k in first}, s.model.extractors[0])  # it trained
+    s.train(bench.train_stream[1])
+    assert same(first, s.model.extractors[0])  # weights and batch-norm statistics, bit for bit
+    assert all(not p.requires_grad for p in s.model.extractors[0].parameters())
+    s.model.train()
+    assert not s.model.extractors[0].training and s.model.extractors[1].training
+    assert len(s.model.extractors) == 2 and s.head is s.model.head
+    assert s.head.weight.shape == (10, 2 * s.model.width)
+    # the new extractor was re-initialised: what reset_parameters() covers differs from the first, and what it
+    # does not (the ViT's position embedding and class token) starts from the first extractor's initial values
+    moved = [n for n in fresh[1] if n.endswith("weight") and not torch.equal(fresh[1][n], first[n])]
+    assert moved, "the fresh extractor is a copy of the trained one"
+    assert s.model.initial_names == ([] if name == "resnet18" else ["cls_token", "pos_embed"])
+    for n in s.model.initial_names:
+        assert torch.equal(fresh[1][n], initial[n]) and not torch.equal(first[n], initial[n])
+    res = s.eval(bench.test_stream)
+    assert all(math.isfinite(a) for a in res["accuracy"])
+
+
+def test_masks_on_a_users_sequential_prune_its_hidden_units():
+    der = DER()
+    s = user_strategy("sequential", [Replay(memory=12), der])
+    assert der._units == ""  # the extractor is the nn.Sequential itself (its last Linear is the head)
+    bench = image_benchmark(n_classes=4, n_experiences=2)
+    for exp in bench.train_stream:
+        s.train(exp)
+    assert [len(u) for u in der.units_per_experience] == [2, 2]
+    assert der.params_per_experience[-1] < der.unpruned_params_per_experience[-1]
+    assert s.head.in_features == der.units_per_experience[0][-1] + der.units_per_experience[1][-1]
 
 
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("kwargs,match", [
     ({"aux_weight": -1.0}, "aux_weight"), ({"aux_weight": float("nan")}, "aux_weight"),
     ({"sparsity_weight": float("inf")}, "sparsity_weight"), ({"sparsity_weight": True}, "sparsity_weight"),
-    ({"s_max": 0.5}, "s_max"), ({"s_max": 1e6}, "s_max"), ({"prune": 1}, "prune"),
+    ({"s_max": 0.5}, "s_max"), ({"s_max": 1e6}, "s_max"), ({"masks": 1}, "masks"),
     ({"classifier_epochs": -1}, "classifier_epochs"), ({"classifier_epochs": 2.0}, "classifier_epochs"),
     ({"classifier_temperature": 0.0}, "classifier_temperature"),
 ])
@@ -348,25 +525,52 @@ def test_bad_arguments_are_refused(kwargs, match):
         DER(**kwargs)
 
 
-def test_models_it_cannot_expand_are_refused():
+def build(model: nn.Module, plugins, **kwargs) -> Strategy:
+    return Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=plugins, batch_size=16, seed=0,
+                    **kwargs)
+
+
+class Scaled(nn.Module):
+    """Features that are twice the nn.Sequential's output: masking its units would not be what the head reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(2 * self.body(x))
+
+
+class Mean(nn.Module):
+    """A linear-looking head that is not nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 16, 4
+        self.w = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+def test_models_it_cannot_expand_or_mask_are_refused_when_the_strategy_is_built():
     torch.manual_seed(0)
-    cnn = SmallCNN()
-    s = Strategy(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), plugins=[DER()], batch_size=16, seed=0)
-    with pytest.raises(ConfigError, match="not ToImage, Conv2d, MaxPool2d"):
-        s.train(tiny_benchmark_images())
-    with pytest.raises(ConfigError, match="backbone is an nn.Sequential"):
-        DERNet(nn.Linear(8, 4))
-    with pytest.raises(ConfigError, match="at least one Linear"):
-        bad = MLP(8, [16], 4)
-        bad.backbone = nn.Sequential(nn.Flatten())
-        DERNet(bad)
-
-
-def tiny_benchmark_images():
-    from streamcl.scenarios import TensorData, class_incremental
-    g = torch.Generator().manual_seed(0)
-    data = TensorData(torch.randn(40, 784, generator=g), torch.arange(2).repeat_interleave(20))
-    return class_incremental(data, data, 1).train_stream[0]
+    with pytest.raises(ConfigError, match="SmallCNN's extractor holds Conv2d"):
+        build(SmallCNN(), [DER()])
+    build(SmallCNN(), [DER(masks=False)])
+    gelu = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match=r"not one nn.Sequential of Linear.*\(it holds GELU\)"):
+        build(gelu, [DER()])
+    with pytest.raises(ConfigError, match=r"features are not the output of the nn.Sequential at 'body'.*differs"):
+        build(Scaled(), [DER()])
+    build(Scaled(), [DER(masks=False)])
+    with pytest.raises(ConfigError, match="its own head"):
+        build(nn.Linear(8, 4), [DER(masks=False)])
+    odd = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    odd.add_module("out", Mean())
+    with pytest.raises(ConfigError, match="needs an nn.Linear or IncrementalLinear head.*Mean"):
+        build(odd, [DER(masks=False)], head="out")
 
 
 # ------------------------------------------------------------------------------ resume
@@ -382,38 +586,17 @@ def test_replay_with_der_and_its_classifier_stage_resumes_bit_for_bit(tmp_path, 
     assert numbers(tiny_run(part, tmp_path, resume=True)) == full
 
 
-def test_uncorrected_predicts_with_the_classifier_before_the_stage_and_puts_it_back():
-    der = DER(classifier_epochs=3)
-    s = strategy([Replay(memory=20), der], hidden=(16, 16))
-    s.train(bench().train_stream[0])
-    assert der.head_before_stage is None  # no stage after the first experience
-    s.train(bench().train_stream[1])
-    x = torch.randn(5, 8)
-    with torch.no_grad():
-        after = s.model(x)
-        blocks = [b.clone() for b in s.model.head.blocks]
-        features = s.model(x, return_features=True)[1]
-        before = features @ torch.cat([der.head_before_stage["blocks.0"], der.head_before_stage["blocks.1"]], 1).T \
-            + der.head_before_stage["bias"]
-        with der.uncorrected():
-            inside = s.model(x)
-        assert torch.allclose(inside, before, atol=1e-6) and not torch.allclose(inside, after)
-        assert torch.equal(s.model(x), after)
-        assert all(torch.equal(b, c) for b, c in zip(s.model.head.blocks, blocks))
-    assert DER().uncorrected is None  # nothing to undo without the stage
-
-
 def test_a_crash_between_training_and_evaluation_resumes_with_the_uncorrected_numbers(tmp_path, monkeypatch):
     part = {"plugins": [{"name": "replay", "memory": 20}, {"name": "der", "classifier_epochs": 2}]}
     full = tiny_run(part)
     calls = [0]
     original = Strategy.eval
 
-    def eval_or_crash(self, stream):
+    def eval_or_crash(self, stream, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 3:  # the uncorrected evaluation after the second experience
             raise Crash("crash in evaluation")
-        return original(self, stream)
+        return original(self, stream, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(Strategy, "eval", eval_or_crash)
