@@ -14,7 +14,9 @@ from tests.conftest import USER_MODELS, image_benchmark
 from tests.reliability import UNITS, tiny_config
 
 # (unit, model) -> a phrase the refusal must contain; every other pair must run
-REFUSED: dict[tuple[str, str], str] = {}
+MASKS = "der masks the units of fully connected layers"  # DER(masks=False) runs on these
+REFUSED: dict[tuple[str, str], str] = {(unit, model): MASKS for unit in ("plugin:der", "method:der")
+                                       for model in ("resnet18", "vit")}
 
 
 def _build(part: dict, model_name: str):
