@@ -39,6 +39,8 @@ BARS = [
                                       "mean is 0.749 (0.769 on seed 0)"),
     ("SFM-5-TIL", {"name": "lwf"}, 0.985, "issue bar; reference 0.989-0.990"),
     ("SFM-5-TIL", {"name": "hypernetwork"}, 0.95, "issue bar; naive 0.91"),
+    ("SFM-5-TIL", {"name": "derpp", "memory": 500}, 0.985, "issue bar; Avalanche Replay-500 0.988"),
+    ("SFM-5-TIL", {"name": "icarl", "memory": 500}, 0.98, "issue bar"),
 ]
 
 
