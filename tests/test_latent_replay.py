@@ -172,7 +172,8 @@ class Reshaping(nn.Module):
     def __init__(self, n_classes=6):
         super().__init__()
         self.shift = nn.Parameter(torch.zeros(8))
-        self.a, self.norm, self.b, self.fc = nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(3, 4), nn.Linear(8, n_classes)
+        self.a, self.norm = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.b, self.fc = nn.Linear(3, 4), nn.Linear(8, n_classes)
 
     def forward(self, x):
         h = torch.relu(self.norm(self.a(x + self.shift)))
