@@ -15,8 +15,11 @@ from tests.reliability import UNITS, tiny_config
 
 # (unit, model) -> a phrase the refusal must contain; every other pair must run
 MASKS = "der masks the units of fully connected layers"  # DER(masks=False) runs on these
-REFUSED: dict[tuple[str, str], str] = {(unit, model): MASKS for unit in ("plugin:der", "method:der")
-                                       for model in ("resnet18", "vit")}
+LATERALS = "wires lateral adaptors between fully connected layers only"  # Progress & Compress
+REFUSED: dict[tuple[str, str], str] = {
+    **{(unit, model): MASKS for unit in ("plugin:der", "method:der") for model in ("resnet18", "vit")},
+    **{(unit, model): LATERALS for unit in ("plugin:progress_compress", "method:progress_compress")
+       for model in ("resnet18", "vit")}}
 
 
 def _build(part: dict, model_name: str):
