@@ -30,12 +30,31 @@ def test_labels_outside_the_class_range(bad):
         make().eval(experience(data.x, y))
 
 
+class Functional(torch.nn.Module):
+    """Two outputs from a weight used functionally: no linear head the engine could widen."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
 def test_model_smaller_than_the_stream_points_to_the_growing_head():
     bench = tiny_benchmark()
-    s = make(MLP(8, [16], 2))  # two outputs, four classes
+    s = make(Functional())  # two outputs, four classes
     s.train(bench.train_stream[0])  # labels 0, 1 fit
     with pytest.raises(DataError, match=r"gives 2 outputs .* holds label 3 .*growing=True"):
         s.train(bench.train_stream[1])
+
+
+def test_a_fixed_linear_head_too_small_for_the_stream_grows():
+    bench = tiny_benchmark()
+    s = make(MLP(8, [16], 2))  # an nn.Linear head of two outputs, four classes: widened, not refused
+    s.train(bench.train_stream[0])
+    s.train(bench.train_stream[1])
+    assert s.head.out_features == 4
 
 
 def test_inputs_of_the_wrong_shape():
