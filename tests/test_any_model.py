@@ -25,7 +25,9 @@ REFUSED: dict[tuple[str, str], str] = {
 def _build(part: dict, model_name: str):
     torch.manual_seed(0)
     model = USER_MODELS[model_name]()
-    cfg = tiny_config(part)
+    part = {k: [{**p, "epochs": 2} if p.get("name") == "gdumb" else p for p in v] if k == "plugins" else
+            {**v, "epochs": 2} if k == "method" and v.get("name") == "gdumb" else v for k, v in part.items()}
+    cfg = tiny_config(part)  # GDumb retrains 2 epochs, not 128: the run's shape, at a test's cost
     plugins, offline = build_plugins(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     strategy = Strategy(model, opt, plugins=plugins, epochs=1, batch_size=8, eval_batch_size=16, seed=0)
