@@ -78,13 +78,7 @@ class BiasCorrection(Plugin):
     # ------------------------------------------------------------------------------ the held-out set
     @hookimpl
     def setup(self, strategy) -> None:
-        owner = strategy.owner("memory")
-        if owner is None or not hasattr(owner, "memory"):
-            found = "no plugin owns the 'memory' role" if owner is None else \
-                f"{owner!r} owns 'memory' but keeps no replay memory (.memory)"
-            raise ConfigError(f"bias_correction holds out a share of the exemplars of a replay memory, and {found}; "
-                              "list a replay plugin with it, e.g. plugins=[Replay(memory=500), LwFDistill(), "
-                              "BiasCorrection()]")
+        strategy.require_memory(self, "holds out a share of the exemplars of a replay memory")
 
     @hookimpl
     def before_training_exp(self, strategy) -> None:

@@ -41,13 +41,7 @@ class NMEClassifier(Plugin):
 
     @hookimpl
     def setup(self, strategy) -> None:
-        owner = strategy.owner("memory")
-        if owner is None or not hasattr(owner, "memory"):
-            found = "no plugin owns the 'memory' role" if owner is None else \
-                f"{owner!r} owns 'memory' but keeps no replay memory (.memory)"
-            raise ConfigError(f"NMEClassifier classifies by the means of the exemplars in a replay memory, and "
-                              f"{found}; list a replay plugin with it, e.g. plugins=[Replay(memory=500, "
-                              "selection='herding'), ..., NMEClassifier()]")
+        strategy.require_memory(self, "classifies by the means of the exemplars in a replay memory")
 
     @hookimpl
     def before_eval(self, strategy) -> None:

@@ -396,6 +396,15 @@ class Strategy:
         owner = self.owner("memory")
         return getattr(owner, "memory", None)
 
+    def require_memory(self, plugin: object, why: str) -> None:
+        """Raise a ConfigError (``plugin`` and ``why`` it needs one) unless a plugin keeps a replay memory."""
+        owner = self.owner("memory")
+        if owner is None or not hasattr(owner, "memory"):
+            found = "no plugin owns the 'memory' role" if owner is None else \
+                f"{owner!r} owns 'memory' but keeps no replay memory (.memory)"
+            raise ConfigError(f"{plugin!r} {why}, and {found}; list a replay plugin with it, e.g. "
+                              f"plugins=[Replay(memory=500), ..., {plugin!r}]")
+
     def log(self, name: str, value: float) -> None:
         """Send a scalar to every logger, at the current step (``loss/compress``, ``wa/factor``)."""
         hook = self._hook["log_value"]

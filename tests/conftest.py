@@ -61,4 +61,15 @@ def mlp(n_classes: int = 10) -> nn.Module:
     return MLP(784, [32], n_classes)
 
 
+class NoHead(nn.Module):
+    """A model whose only linear layer is not named as a head: the engine finds no classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.body(x)
+
+
 USER_MODELS = {"mlp": mlp, "sequential": sequential, "resnet18": resnet18, "vit": vit}

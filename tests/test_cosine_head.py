@@ -15,6 +15,7 @@ from streamcl.plugins.replay import Replay
 from tests.conftest import image_benchmark, resnet18, sequential
 from tests.synthetic import tiny_benchmark
 from tests.test_wa import RowlessHead  # a linear head without weight rows
+from tests.conftest import NoHead
 
 
 def build(plugins, n_classes=6, n_exp=3, seed=0, growing=False):
@@ -221,14 +222,6 @@ def test_plugins_that_rebuild_the_model_and_a_second_head_are_refused_by_role():
 
 
 def test_a_model_without_a_linear_head_or_without_weight_rows_is_refused_at_construction():
-    class NoHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(8, 6)
-
-        def forward(self, x):
-            return self.body(x)
-
     model = NoHead()
     with pytest.raises(ConfigError, match=r"CosineHead\(\) needs the model's classifier head"):
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[CosineHead()], batch_size=16, seed=0)

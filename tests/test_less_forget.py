@@ -13,6 +13,7 @@ from streamcl.plugins.less_forget import LessForget, less_forget
 from streamcl.plugins.replay import Replay
 from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
+from tests.conftest import NoHead
 
 
 class FixedFeatures(nn.Module):
@@ -147,14 +148,6 @@ def test_two_feature_distillers_are_refused_and_a_logit_distiller_runs_beside():
 
 
 def test_a_model_without_a_head_is_refused_at_construction():
-    class NoHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(8, 6)
-
-        def forward(self, x):
-            return self.body(x)
-
     model = NoHead()
     with pytest.raises(ConfigError, match=r"LessForget\(\) needs the model's classifier head"):
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[LessForget()], seed=0)
