@@ -1,4 +1,4 @@
-"""Run configuration in TOML (the shape of ../shared/PROTOCOLS.md): load, override, validate.
+"""Run configuration in TOML (the shape of docs/protocols.md): load, override, validate.
 
 Every problem raises :class:`ConfigError` naming the bad key and what is allowed. Defaults are
 the SFM-5 protocol, so a config may hold only what differs from it.
@@ -47,7 +47,7 @@ CHOICES = {
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
 SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
-# the config part that selects each protocol of ../shared/PROTOCOLS.md (the defaults are SFM-5)
+# the config part that selects each protocol of docs/protocols.md (the defaults are SFM-5)
 PROTOCOLS = {
     "SFM-5": {},
     "SFM-5-TIL": {"benchmark": {"scenario": "task"}},

@@ -2,7 +2,7 @@
 
 ``R[i][j]`` is the accuracy on test experience j, measured by a recording evaluation after the
 first ``i + 1`` experiences were trained (row i belongs to a training state, not to the i-th call
-of ``eval``); a cell nobody measured is ``None``. Definitions follow ../shared/PROTOCOLS.md, with
+of ``eval``); a cell nobody measured is ``None``. Definitions follow docs/protocols.md, with
 ``L`` the last row and "learned(j)" the row right after the experience that covers test experience
 j was trained (``Experience.covers``; row j when experience j covers test experience j):
 

@@ -16,6 +16,7 @@ from tests.conftest import image_benchmark, sequential
 from tests.synthetic import tiny_benchmark
 from tests.test_distill import Fixed  # a teacher that answers the same logits for any input
 from tests.test_wa import RowlessHead  # a linear head without weight rows
+from tests.conftest import NoHead
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -242,15 +243,6 @@ def test_a_strategy_without_a_memory_is_refused():
 def test_plugins_that_rebuild_the_model_are_refused_by_role():
     with pytest.raises(PluginError, match="both own the role 'architecture'"):
         build([LatentReplay(), COIL()])
-
-
-class NoHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.body(x)
 
 
 @pytest.mark.parametrize("model,match", [
