@@ -1,4 +1,4 @@
-"""Accuracy on the real protocols of ../shared/PROTOCOLS.md, mean over seeds 0, 1, 2, each run once per session."""
+"""Accuracy on the real protocols of docs/protocols.md, mean over seeds 0, 1, 2, each run once per session."""
 from __future__ import annotations
 
 import statistics

@@ -1,4 +1,4 @@
-"""Every method's accuracy bar on its protocol (../shared/PROTOCOLS.md), mean final accuracy over seeds 0, 1, 2.
+"""Every method's accuracy bar on its protocol (docs/protocols.md), mean final accuracy over seeds 0, 1, 2.
 
 References are Avalanche 0.6.0 on the same protocol; docs/results.md has the measured table.
 """
