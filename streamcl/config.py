@@ -46,6 +46,8 @@ CHOICES = {
     ("train", "device"): None,  # any torch device string
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
+INT_MAX = 2**63 - 1  # the largest TOML integer, and the largest seed torch takes
+MAX_LR, MAX_WEIGHT_DECAY = 100.0, 1.0  # beyond these a run diverges at once: a typo, not a setting
 SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
 # the config part that selects each protocol of docs/protocols.md (the defaults are SFM-5)
 PROTOCOLS = {
@@ -104,6 +106,9 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
             raise ConfigError(f"unknown key '{key}'; a config takes: {', '.join(allowed_top)}")
     if "method" in cfg and cfg["plugins"]:
         raise ConfigError("give either [method] (a named recipe) or [[plugins]], not both")
+    _check_train(cfg["train"])
+    if any(h < 1 for h in cfg["model"]["hidden"]):
+        raise ConfigError(f"'model.hidden' = {cfg['model']['hidden']!r}: every layer needs at least one unit")
     _check_device(cfg["train"]["device"])
     bench = cfg["benchmark"]
     if bench["scenario"] not in SCENARIOS[bench["name"]]:
@@ -112,16 +117,43 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
     return cfg
 
 
+def _check_train(t: dict) -> None:
+    """Learning rate, momentum and weight decay within the ranges docs/config.md gives (sign and finiteness
+    are checked with the types)."""
+    if not 0 < t["lr"] <= MAX_LR:
+        raise ConfigError(f"'train.lr' must be above 0 and at most {MAX_LR:g} (a larger rate diverges at once), "
+                          f"got {t['lr']!r}")
+    if not t["momentum"] < 1:
+        raise ConfigError(f"'train.momentum' must be below 1 (from 1 on, SGD's steps grow without end), "
+                          f"got {t['momentum']!r}")
+    if not t["weight_decay"] <= MAX_WEIGHT_DECAY:
+        raise ConfigError(f"'train.weight_decay' must be at most {MAX_WEIGHT_DECAY:g}, got {t['weight_decay']!r}")
+
+
 def _check_device(name: str) -> None:
+    """A device this machine has and can train on: CUDA by its count, others by allocating one tensor there."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"train.device = {name!r} is not a torch device: {err}") from None
+    if device.type == "meta":
+        raise ConfigError(f"train.device = {name!r} holds shapes but no data, so nothing can be trained on it; "
+                          "use 'cpu' or a GPU")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f"train.device = {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
                           "use 'cpu' or an existing GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device = {name!r}, but this machine or PyTorch build has no MPS (Apple GPU) "
+                          "device; use 'cpu' or a device it has")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(1, device=device)
+        except Exception as err:  # each backend fails its own way: RuntimeError, NotImplementedError, ...
+            why = str(err).split(". ")[0].splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ConfigError(f"train.device = {name!r} cannot be used on this machine ({why}); "
+                              "use 'cpu' or a device it has") from None
 
 
 def _check(key: str, value: Any, types, choices=None) -> Any:
@@ -139,6 +171,8 @@ def _check(key: str, value: Any, types, choices=None) -> Any:
         raise ConfigError(f"'{key}' must be positive, got {value!r}")
     if types in (_INT, _NUM) and value < 0:
         raise ConfigError(f"'{key}' must not be negative, got {value!r}")
+    if types == _INT and value > INT_MAX:
+        raise ConfigError(f"'{key}' must be at most 2**63-1 ({INT_MAX}), got {value!r}")
     if choices and value not in choices:
         raise ConfigError(f"'{key}' = {value!r} is not one of: {', '.join(choices)}")
     return value
