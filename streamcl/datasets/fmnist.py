@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamcl.errors import DatasetNotFound
+from streamcl.errors import DataError, DatasetNotFound
 from streamcl.scenarios.data import TensorData
 
 MEAN, STD = 0.2860, 0.3530
@@ -26,15 +27,26 @@ HOW_TO_GET = (
 )
 
 
+CORRUPT = ("{path} is damaged ({why}). Get a good copy: delete it, and streamcl looks in the other places or "
+           "downloads it again; for Debian's copy ({debian}): apt-get install --reinstall -y dataset-fashion-mnist")
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a numpy array of its declared shape."""
+    """An IDX file (optionally gzipped) as a numpy array of its declared shape; :class:`DataError` naming
+    the file when it is truncated or garbled."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(CORRUPT.format(path=path, why=f"{type(err).__name__}: {err}", debian=DEBIAN_ROOT)) from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\0\0\x08":
+        raise DataError(CORRUPT.format(path=path, why="not an unsigned-byte IDX file", debian=DEBIAN_ROOT))
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - 4 - 4 * ndim != np.prod(shape, dtype=np.int64):
+        raise DataError(CORRUPT.format(path=path, why=f"{len(raw) - 4 - 4 * ndim} bytes of data for shape {shape}",
+                                       debian=DEBIAN_ROOT))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -75,6 +87,10 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, flatten: bool = True
 def _load(paths: tuple[Path, ...], flatten: bool, normalize: bool) -> tuple[TensorData, TensorData]:
     """Parsed once per process: every stream builder copies what it takes, so sharing is safe."""
     tr_x, tr_y, te_x, te_y = (read_idx(p) for p in paths)
+    for images, labels, files in ((tr_x, tr_y, paths[:2]), (te_x, te_y, paths[2:])):
+        if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+            raise DataError(CORRUPT.format(path=" or ".join(map(str, files)), debian=DEBIAN_ROOT,
+                                           why=f"images of shape {images.shape}, labels of shape {labels.shape}"))
     return _to_tensors_arrays(tr_x, tr_y, flatten, normalize), _to_tensors_arrays(te_x, te_y, flatten, normalize)
 
 
