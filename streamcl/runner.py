@@ -1,9 +1,14 @@
 """A whole run from a validated config: benchmark, model, optimizer, plugins, loop, results."""
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import sys
+import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -11,7 +16,7 @@ from torch import nn
 
 from streamcl import distributed as dist
 from streamcl.datasets import fashion_mnist
-from streamcl.errors import ConfigError
+from streamcl.errors import ConfigError, DataError
 from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
@@ -30,11 +35,12 @@ def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
             print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning",
                   file=sys.stderr)
         return
-    saved = strategy.load_checkpoint()["config"]
-    changed = sorted(_diff(saved, cfg))
-    if changed:
-        raise ConfigError(f"{out} was written by a different config ({', '.join(changed)} differ); "
-                          "resume with the same config, or use a new --out")
+    def same_config(meta: dict) -> None:
+        changed = sorted(_diff(meta.get("config"), cfg))
+        if changed:
+            raise ConfigError(f"{out} was written by a different config ({', '.join(changed)} differ); "
+                              "resume with the same config, or use a new --out")
+    strategy.load_checkpoint(check_meta=same_config)
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:
@@ -49,10 +55,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def lock_out(out: str | Path) -> Iterator[Path]:
+    """Hold the run folder ``out`` for one run: create it, check that files can be written there, and lock
+    ``out/.lock`` (which then holds this process's id) with ``fcntl.flock``, released when the block ends or
+    the process dies. A file, a folder that cannot be written and a folder another run holds raise
+    :class:`ConfigError`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a real write: permission bits say nothing when run as root
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"cannot write the run to {out} ({err.strerror}); give --out a folder you can write to") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"another streamcl run is writing to {out} (pid {pid}); wait until it ends, "
+                              "or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield out
+    finally:
+        os.close(fd)
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes; 0 where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_permuted(train, test, n: int) -> None:
+    """Refuse a permuted stream of ``n`` experiences that would hold an empty experience, or would not fit in
+    memory: its experiences copy the data once, and its accuracy matrix has n * n cells, each held as a
+    number, in results.json and in TensorBoard (about 100 bytes in all)."""
+    most = min(len(train), len(test))
+    if n > most:
+        raise DataError(f"benchmark.n_experiences = {n} leaves experiences empty: permuted-fmnist cuts its "
+                        f"{len(train)} training and {len(test)} test images into n_experiences parts; "
+                        f"give at most {most}")
+    need = sum(t.nbytes for d in (train, test) for t in (d.x, d.y)) + 100 * n * n
+    have = physical_memory()
+    if have and need > have:
+        raise DataError(f"benchmark.n_experiences = {n}: the permuted stream needs about {need / 2**30:.3g} GiB, "
+                        f"more than this machine's {have / 2**30:.3g} GiB of memory; give fewer experiences")
+
+
 def build_benchmark(cfg: dict) -> Benchmark:
     b = cfg["benchmark"]
     train, test = fashion_mnist(b.get("root"))
     if b["name"] == "permuted-fmnist":
+        check_permuted(train, test, b["n_experiences"])
         return domain_incremental(train, test, b["n_experiences"])
     return class_incremental(train, test, b["n_experiences"], class_order=b.get("class_order"),
                              seed=b.get("class_seed"), classes_per_exp=b.get("classes_per_exp"),
@@ -100,8 +161,16 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
     ``train.checkpoint_every`` iterations if set). With ``resume`` the run goes on from it and ends
     with the numbers an uninterrupted run gives. ``benchmark`` replaces the one the config names
     (tests use tiny synthetic streams), ``model`` the one it builds (a user's module). Returns the results.
+    One run at a time writes to ``out``: it is held by :func:`lock_out` until the run ends.
     """
     device = dist.init(cfg["train"]["device"])  # joins torchrun's process group, if any
+    out = None if out is None else Path(out)
+    with lock_out(out) if out is not None and dist.is_main() else nullcontext():
+        return _run(cfg, out, device, console, resume, benchmark, model)
+
+
+def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None, resume: bool,
+         benchmark: Benchmark | None, model: nn.Module | None) -> dict:
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
     n_features = bench.train_stream[0].dataset[0][0].numel()
@@ -111,7 +180,6 @@ def run(cfg: dict, out: str | Path | None = None, *, console: bool | None = None
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
     loggers: list = []
     if out is not None and dist.is_main():  # only rank 0 writes results and TensorBoard
-        out = Path(out)
         loggers.append(JSONLogger(out / "results.json", cfg))
         if cfg["log"]["tensorboard"]:
             loggers.append(TensorBoardLogger(out / "tensorboard", cfg))

@@ -86,5 +86,6 @@ def test_streamcl_run_under_torchrun_on_sfm5(tmp_path):
     a, b = torch.tensor(one["accuracy_matrix"]), torch.tensor(two["accuracy_matrix"])
     assert (a - b).abs().max() <= TOLERANCE and abs(one["final_accuracy"] - two["final_accuracy"]) <= 0.02
     assert 0.15 < two["final_accuracy"] < 0.25
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "results.json", "tensorboard"]
+    written = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert written == [".lock", "checkpoints", "results.json", "tensorboard"]  # .lock: runner.lock_out
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1
