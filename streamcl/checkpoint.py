@@ -187,6 +187,39 @@ def signed(payload: bytes) -> bytes:
     return head + hashlib.sha256(head).hexdigest().encode()
 
 
+_TMP = re.compile(r"\..+\.(\d+)\.tmp")  # the temporary files save() writes: .<name>.<pid>.tmp
+
+
+def remove_leftovers(folder: str | Path | None) -> list[Path]:
+    """Delete the temporary files that :func:`save` left in ``folder`` when its process died mid-write, and
+    return them. Those of a process still running are kept; no other file is touched."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    gone = []
+    for path in Path(folder).iterdir():
+        match = _TMP.fullmatch(path.name)
+        if match and path.is_file() and not _running(int(match.group(1))):
+            try:
+                path.unlink()
+            except OSError:  # gone already, or not ours to delete
+                continue
+            gone.append(path)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    """Whether another process with this id runs (this one writes no checkpoint while it starts)."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (where the platform allows opening a folder)."""
     try:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
 from streamcl.checks import check_experience, check_model_fits, non_finite_error
-from streamcl.checkpoint import Position
+from streamcl.checkpoint import Position, remove_leftovers
 from streamcl.errors import ConfigError, PluginError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
@@ -67,6 +67,7 @@ class Strategy:
         self.seed = seed if seed is not None else torch.initial_seed() % 2**63
         self.generator = torch.Generator().manual_seed(self.seed)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        remove_leftovers(self.checkpoint_dir)  # temporary files of a save killed mid-write
         self.checkpoint_every, self.check_finite = checkpoint_every, check_finite
         self.checkpoint_meta: dict = {}  # saved with every checkpoint (the runner keeps its config here)
         if eval_every and eval_stream is None:
