@@ -1,7 +1,7 @@
 import torch
 
 from streamcl.models import MLP, IncrementalLinear, SmallCNN, grow_heads
-from streamcl.optim import sync_optimizer
+from streamcl.optim import ParamGroups
 
 
 def test_incremental_linear_grows_keeping_old_rows():
@@ -32,9 +32,10 @@ def test_sync_optimizer_keeps_momentum_of_surviving_parameters():
     opt.step()
     kept = m.backbone[1].weight
     buf = opt.state[kept]["momentum_buffer"].clone()
-    assert not sync_optimizer(opt, m)  # nothing changed
+    groups = ParamGroups(opt, m)
+    assert not groups.sync(opt, m)  # nothing changed
     grow_heads(m, 3)
-    assert sync_optimizer(opt, m)
+    assert groups.sync(opt, m)
     assert torch.equal(opt.state[kept]["momentum_buffer"], buf)
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in m.parameters()}
     assert opt.param_groups[0]["lr"] == 0.5 and m.head.weight not in opt.state
