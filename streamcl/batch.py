@@ -35,9 +35,47 @@ class Batch(NamedTuple):
         if isinstance(sample, Batch):
             return sample
         x, y, *rest = sample
-        y = torch.as_tensor(y, dtype=torch.long)
-        t = torch.as_tensor(rest[0], dtype=torch.long) if rest else torch.zeros_like(y)
+        y = labels(y)
+        t = labels(rest[0], "task labels") if rest else torch.zeros_like(y)
         return cls(x, y, t)
+
+    @classmethod
+    def collate(cls, samples: list) -> Batch:
+        """A batch of dataset items, each ``(x, y)`` or ``(x, y, t)`` (the two may mix: a dataset joined to a
+        memory); inputs must be finite and labels whole numbers (else a DataError)."""
+        from torch.utils.data import default_collate
+
+        x = default_collate([s[0] for s in samples])
+        y = labels([s[1] for s in samples])
+        t = labels([s[2] if len(s) > 2 else 0 for s in samples], "task labels")
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise non_finite_inputs()
+        return cls(x, y, t)
+
+
+def labels(values, what: str = "labels") -> Tensor:
+    """``values`` as int64, refusing fractions (6.7 is not a class) instead of truncating them."""
+    from streamcl.errors import DataError
+
+    try:
+        values = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):  # a list of one-element arrays or tensors
+        values = torch.stack([torch.as_tensor(v).reshape(()) for v in values])
+    if values.is_floating_point() or values.is_complex():
+        if not bool((values == values.round()).all()) or not bool(torch.isfinite(values).all()):
+            bad = values[(values != values.round()) | ~torch.isfinite(values)][0].item()
+            raise DataError(f"{what} must be whole numbers (class indices), but one is {bad}; streamcl does not "
+                            "round or truncate labels: fix the dataset's labels or its target_transform")
+    elif values.dtype == torch.bool:
+        raise DataError(f"{what} must be whole numbers (class indices), not booleans")
+    return values.to(torch.long)
+
+
+def non_finite_inputs():
+    from streamcl.errors import DataError
+
+    return DataError("inputs hold NaN or infinite values; a model cannot score them (every such sample would "
+                     "be predicted as class 0): clean or impute the data first")
 
 
 class Output(NamedTuple):

@@ -69,6 +69,35 @@ class Position:
                                   f"resume by training that experience, not {exp.index}")
 
 
+def settings_of(strategy) -> dict:
+    """What a strategy was built with and a checkpoint must agree on: the loop's settings, the seed (when
+    given), the optimizer (kind, each group's options and parameters), every plugin's arguments and the
+    model's parameters (names and shapes), as they were at construction."""
+    names = {id(p): n for n, p in strategy.model.named_parameters()}
+    groups = [[f"{k}={v!r}" for k, v in sorted(g.items()) if k != "params"] +
+              [names.get(id(p), "<outside>") for p in g["params"]] for g in strategy.optimizer.param_groups]
+    plain = re.compile(r" at 0x[0-9a-f]+")  # a function's or object's address differs between processes
+    return {"epochs": strategy.epochs, "batch_size": strategy.batch_size,
+            "seed": strategy.seed if strategy.seed_given else None,
+            "optimizer": [type(strategy.optimizer).__name__, *map(str, groups)],
+            "plugins": [plain.sub("", repr(p)) for p in strategy.plugins],
+            "model": [f"{n} {tuple(p.shape)}" for n, p in strategy.model.named_parameters()]}
+
+
+def _differences(saved: dict, mine: dict) -> list[str]:
+    out = []
+    for key in sorted(saved.keys() | mine.keys()):
+        a, b = saved.get(key), mine.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            only = [x for x in a if x not in b][:2] + [x for x in b if x not in a][:2]
+            out.append(f"{key} ({'; '.join(map(str, only)) or 'order'} ...)" if only else f"{key} (order)")
+        else:
+            out.append(f"{key} ({a!r} there, {b!r} here)")
+    return out
+
+
 def _plugin_id(p: object) -> str:
     return f"{type(p).__module__}.{type(p).__qualname__}"
 
@@ -102,11 +131,13 @@ def _set_rng_state(strategy, state: dict) -> None:
 # ---------------------------------------------------------------------------------------- writing
 def state_of(strategy, position: bool = False) -> dict:
     names = {id(p): n for n, p in strategy.model.named_parameters()}
+    names.update({id(p): f"<outside {i}.{k}>" for i, ps in enumerate(strategy.param_groups.outside)
+                  for k, p in enumerate(ps)})
     exp = strategy.experience
     return {
         "format": FORMAT,
         "meta": strategy.checkpoint_meta,
-        "settings": {"epochs": strategy.epochs, "batch_size": strategy.batch_size},
+        "settings": strategy.settings,
         "plugins": [_plugin_id(p) for p in strategy.plugins],
         "model": strategy.model.state_dict(),
         "module": strategy.model,
@@ -120,7 +151,7 @@ def state_of(strategy, position: bool = False) -> dict:
         "trained": [{k: getattr(e, k) for k in ("index", "classes", "n_classes", "task", "origin", "covers")}
                     for e in strategy.trained],
         "counters": {"global_step": strategy.global_step, "train_seconds": strategy.train_seconds,
-                     "eval_seconds": strategy.eval_seconds},
+                     "eval_seconds": strategy.eval_seconds, "seed": strategy.seed},
         "position": None if not position else {
             "experience": exp.index, "epoch": strategy.epoch, "iteration": strategy.iteration + 1,
             "order": strategy.order, "data": _cpu(strategy.train_dataset) if strategy._joined_data else None},
@@ -341,7 +372,7 @@ _SHAPE = {"format": int, "meta": dict, "settings": dict, "plugins": list, "model
           "module": (nn.Module, type(None)), "frozen": list, "optimizer": dict, "optimizer_params": list,
           "plugin_states": list, "logger_states": list, "metrics": dict, "rng": dict, "trained": list,
           "counters": dict, "position": (dict, type(None))}
-_COUNTERS = ("global_step", "train_seconds", "eval_seconds")
+_COUNTERS = ("global_step", "train_seconds", "eval_seconds", "seed")
 _POSITION = ("experience", "epoch", "iteration", "order", "data")
 _TRAINED = ("index", "classes", "n_classes", "task", "origin", "covers")
 
@@ -390,17 +421,22 @@ def _check_shape(state, path: Path) -> None:
         bad("its 'rng' is not the state of every random generator")
 
 
-def load(strategy, path: Path) -> dict:
-    """Restore ``path`` into ``strategy``; returns the checkpoint's ``meta``."""
+def load(strategy, path: Path, check_meta=None) -> dict:
+    """Restore ``path`` into ``strategy``, built as the one that wrote it (else refused, naming what differs);
+    returns the checkpoint's ``meta``. ``check_meta(meta)`` runs first and may refuse it (the runner's config)."""
     path = Path(path)
     state = read(path, allowed_globals(strategy), map_location=strategy.device)
     _check_shape(state, path)
     mine = [_plugin_id(p) for p in strategy.plugins]
     if state["plugins"] != mine:
         raise CheckpointError(f"{path} was written with plugins {state['plugins']}; this strategy has {mine}")
-    settings = {"epochs": strategy.epochs, "batch_size": strategy.batch_size}
-    if state["settings"] != settings:
-        raise CheckpointError(f"{path} was written with {state['settings']}; this strategy has {settings}")
+    if check_meta is not None:
+        check_meta(state["meta"])
+    differ = _differences(state["settings"], strategy.settings)
+    if differ:
+        raise CheckpointError(f"{path} was written by a strategy built differently: {', '.join(differ)} differ. "
+                              "A checkpoint restores only into a strategy built as the one that wrote it (same "
+                              "model, optimizer, plugins and settings); build that one, or start a new run")
     try:
         _restore(strategy, state)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
@@ -450,6 +486,8 @@ def _restore_model(strategy, state: dict) -> None:
 def _restore_optimizer(strategy, state: dict) -> None:
     opt = strategy.optimizer
     params = dict(strategy.model.named_parameters())
+    params.update({f"<outside {i}.{k}>": p for i, ps in enumerate(strategy.param_groups.outside)
+                   for k, p in enumerate(ps)})
     saved = state["optimizer"]
     opt.param_groups.clear()
     opt.state.clear()
@@ -457,3 +495,4 @@ def _restore_optimizer(strategy, state: dict) -> None:
         opt.add_param_group({**{k: v for k, v in group.items() if k != "params"},
                              "params": [params[n] for n in names]})
     opt.load_state_dict(saved)
+    strategy.param_groups.group_of(strategy.model, opt)

@@ -5,17 +5,22 @@ import torch
 from torch.utils.data import Dataset
 
 from streamcl.errors import DataError, TrainingError
+from streamcl.batch import non_finite_inputs
 from streamcl.scenarios import Experience, TensorData, targets_of
+from streamcl.scenarios.data import seeded
 
 GROWING_HEAD = ("give the model as many outputs as the stream has classes, or a head that grows with the "
                 "classes seen: MLP(..., growing=True) or streamcl.models.IncrementalLinear")
 
 
 def check_experience(exp: Experience) -> None:
-    """An experience must hold samples, and every label must lie in ``0 .. n_classes - 1``."""
+    """An experience must hold samples, every label must lie in ``0 .. n_classes - 1`` and among the
+    experience's ``classes``, and tensor inputs must be finite (other datasets: checked batch by batch)."""
     if len(exp) == 0:
         raise DataError(f"{exp!r} is empty: a stream's experiences must hold at least one sample")
     data = exp.dataset
+    if isinstance(data, TensorData) and data.x.is_floating_point() and not bool(torch.isfinite(data.x).all()):
+        raise DataError(f"{exp!r}: {non_finite_inputs()}")
     if not (isinstance(data, TensorData) or hasattr(data, "targets")):
         return  # labels are checked batch by batch by the loss instead of reading the whole dataset here
     y = data.y if isinstance(data, TensorData) else targets_of(data)
@@ -24,6 +29,27 @@ def check_experience(exp: Experience) -> None:
         bad = low if low < 0 else high
         raise DataError(f"{exp!r} holds label {bad}, outside the stream's classes 0..{exp.n_classes - 1}; "
                         "fix the labels or build the stream with the right number of classes")
+    stray = sorted(set(torch.unique(y).tolist()) - {int(c) for c in exp.classes})
+    if stray:
+        raise DataError(f"{exp!r} holds label(s) {stray[:5]}, which are not among its classes {list(exp.classes)}; "
+                        "build the stream from the labels the dataset yields (its target_transform included)")
+
+
+def check_repeatable(strategy, exp: Experience) -> None:
+    """Refuse a dataset that gives another input each time a sample is read (random transforms inside it)
+    when a plugin keeps samples: the memory would hold one augmented view of each, replayed forever."""
+    keeper = strategy.owner("memory") or next((p for p in strategy.plugins if hasattr(p, "memory")), None)
+    if keeper is None or isinstance(exp.dataset, TensorData):
+        return
+    views = []
+    for seed in (1, 2):
+        with seeded(seed):
+            views.append(torch.as_tensor(exp.dataset[0][0]))
+    if not torch.equal(*views):
+        raise DataError(f"the dataset of {exp!r} gives a different input each time a sample is read (random "
+                        f"transforms inside it), and {keeper!r} keeps samples: it would store one augmented view of "
+                        "each and replay it forever. Keep the dataset's transforms deterministic and pass the random "
+                        "ones as Strategy(..., augment=...): they apply to every training input, replayed ones too")
 
 
 def _first_samples(data: Dataset, device: torch.device, n: int = 2):

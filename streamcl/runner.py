@@ -35,11 +35,12 @@ def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
             print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning",
                   file=sys.stderr)
         return
-    saved = strategy.load_checkpoint()["config"]
-    changed = sorted(_diff(saved, cfg))
-    if changed:
-        raise ConfigError(f"{out} was written by a different config ({', '.join(changed)} differ); "
-                          "resume with the same config, or use a new --out")
+    def same_config(meta: dict) -> None:
+        changed = sorted(_diff(meta.get("config"), cfg))
+        if changed:
+            raise ConfigError(f"{out} was written by a different config ({', '.join(changed)} differ); "
+                              "resume with the same config, or use a new --out")
+    strategy.load_checkpoint(check_meta=same_config)
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:

@@ -16,16 +16,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
-from streamcl.checks import check_experience, check_model_fits, non_finite_error
-from streamcl.checkpoint import Position, remove_leftovers
+from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error
+from streamcl.checkpoint import Position, settings_of, remove_leftovers
 from streamcl.errors import ConfigError, PluginError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
-from streamcl.optim import sync_optimizer
+from streamcl.optim import ParamGroups
 from streamcl.parts import capture_input, find_head, grown_linear, is_linear, replace_module
 from streamcl.plugin import call_chain, check_roles, make_manager, plugin_name
 from streamcl.scenarios import Experience, TensorData, join
+from streamcl.scenarios.data import seeded
 
 
 class Strategy:
@@ -35,7 +36,9 @@ class Strategy:
     fixes the data order (``self.generator``); plugins draw from the same generator. ``model`` is any
     ``nn.Module``; its classifier head is found (see :mod:`streamcl.parts`) or named by ``head``, a
     dotted path such as ``"classifier.6"``. ``eval_every`` evaluates ``eval_stream`` after every that
-    many epochs, logged as its own curves (never in the accuracy matrix).
+    many epochs, logged as its own curves (never in the accuracy matrix). ``augment`` (a random transform
+    of one input tensor, e.g. torchvision's ``RandomCrop``) is applied to every training input, replayed
+    ones included, with randomness from ``seed``; memories store the inputs before it (``unaugmented``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
@@ -43,7 +46,8 @@ class Strategy:
                  eval_batch_size: int | None = None, device=None, loggers: Sequence[object] = (),
                  seed: int | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int | None = None, check_finite: bool = True, ddp: dict | None = None,
-                 head: str | None = None, eval_every: int | None = None, eval_stream=None):
+                 head: str | None = None, eval_every: int | None = None, eval_stream=None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         from streamcl.loggers import resolve_loggers
         from streamcl.registry import resolve_plugins
 
@@ -53,6 +57,7 @@ class Strategy:
         self.device = dist.init(device or (first.device if first is not None else "cpu"))
         self.world, self.ddp_options = dist.world_size(), dict(ddp or {})
         self.model, self.optimizer = model.to(self.device), optimizer
+        self.param_groups = ParamGroups(optimizer, self.model)  # only the optimizer's parameters train
         self._net = self.model  # what the training forward calls: the model, or the model in DDP
         self.criterion = criterion if criterion is not None else F.cross_entropy
         self.plugins = resolve_plugins(plugins)
@@ -64,7 +69,7 @@ class Strategy:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.epochs, self.batch_size = epochs, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.seed = seed if seed is not None else torch.initial_seed() % 2**63
+        self.seed, self.seed_given = (seed if seed is not None else torch.initial_seed() % 2**63), seed is not None
         self.generator = torch.Generator().manual_seed(self.seed)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         remove_leftovers(self.checkpoint_dir)  # temporary files of a save killed mid-write
@@ -73,6 +78,9 @@ class Strategy:
         if eval_every and eval_stream is None:
             raise ConfigError("eval_every needs an eval_stream: the experiences to evaluate periodically")
         self.eval_every, self.eval_stream = eval_every, eval_stream
+        if augment is not None and not callable(augment):
+            raise ConfigError(f"augment must be a function of one input tensor, got {type(augment).__name__}")
+        self.augment = augment
         check_roles(self.plugins)
         self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
         hooks = self.pm.hook
@@ -88,6 +96,7 @@ class Strategy:
         self._resume_at: Position | None = None
         self.is_training = False
         self.batch: Batch | None = None
+        self.unaugmented: Batch | None = None  # the training batch before ``augment`` (what memories store)
         self.output: Output | None = None
         self.loss: torch.Tensor | None = None
         self.loss_terms: dict[str, torch.Tensor] = {}
@@ -98,6 +107,7 @@ class Strategy:
         self._head_checked = False
         self._inspect_model()
         self._check_requires()
+        self.settings = settings_of(self)  # what a checkpoint loaded into this strategy must agree on
         self._emit("setup")
 
     # ------------------------------------------------------------------------------- training
@@ -118,6 +128,7 @@ class Strategy:
         at, self._resume_at = self._resume_at, None  # a checkpoint taken inside this experience
         if at is None:
             check_experience(exp)
+            check_repeatable(self, exp)
             self._adapt_model(exp)
             extra = self._contributions("train_data", experience=exp)
             self.train_dataset, self._joined_data = self._on_device(join([exp.dataset, *extra])), bool(extra)
@@ -133,7 +144,8 @@ class Strategy:
             if not start:
                 self.order = torch.randperm(len(self.train_dataset), generator=self.generator)
                 self._emit("before_training_epoch")
-            batches = self.batches(self.train_dataset, self.batch_size, self.order, start)
+            batches = self.batches(self.train_dataset, self.batch_size, self.order, start,
+                                   seed=(len(self.trained), self.epoch), drop_single=self._batchnorm)
             for self.iteration, batch in enumerate(batches, start):
                 self._training_step(batch)
             self._emit("after_training_epoch")
@@ -155,6 +167,11 @@ class Strategy:
             self.batch = self.batch.cat(*extra)
         if self._hook["held_out"]:
             self._hold_out()
+        self.unaugmented = self.batch
+        if self.augment is not None:
+            with seeded(hash((self.seed, -1, self.global_step)) % 2**63):
+                x = torch.stack([self.augment(v) for v in self.batch.x])
+            self.batch = Batch(x, self.batch.y, self.batch.t)
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")
         self.output = self.forward(self.batch)
@@ -370,7 +387,7 @@ class Strategy:
         """Call after changing ``strategy.model`` (new, removed or replaced parameters): the head is found
         again, the optimizer follows (every ``param_groups`` contribution applied), DDP re-wraps."""
         groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
-        sync_optimizer(self.optimizer, self.model, groups)
+        self.param_groups.sync(self.optimizer, self.model, groups)
         self._inspect_model()
         self._net = dist.wrap(self.model, self.device, **self.ddp_options)
 
@@ -462,23 +479,34 @@ class Strategy:
         return means
 
     def _groups_for(self, params: list[nn.Parameter], options: dict) -> list[dict]:
-        """One group per group of the strategy's optimizer that holds some of ``params`` (others: the first's)."""
+        """One group per group of the strategy's optimizer that holds some of ``params`` (others: the first's);
+        parameters of the model that the user's optimizer leaves out are left out here too."""
         group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        out = {id(p) for n, p in self.model.named_parameters() if not self.param_groups.trains(n)}
         chosen: dict[int, list] = {}
         for p in params:
-            chosen.setdefault(group_of.get(id(p), 0), []).append(p)
+            if id(p) not in out:
+                chosen.setdefault(group_of.get(id(p), 0), []).append(p)
+        if not chosen:
+            raise ConfigError("none of the parameters a private training loop trains is in the optimizer you "
+                              "built; add them to it")
         base = self.optimizer.param_groups or [self.optimizer.defaults]
         return [{**{k: v for k, v in base[i].items() if k not in ("params", "from_plugin")}, **options, "params": ps}
                 for i, ps in chosen.items()]
 
-    def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None,
-                start: int = 0, local: bool = False) -> Iterator[Batch]:
+    def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None, start: int = 0,
+                local: bool = False, seed: tuple = (), drop_single: bool = False) -> Iterator[Batch]:
         """Minibatches of ``data`` taken in ``order`` (dataset order if ``None``), from batch ``start`` on.
 
-        Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader. Under
-        torchrun each batch of ``batch_size`` (the global batch) is split across ranks, unless ``local``.
+        Index slices of tensors when ``data`` is :class:`TensorData`, else a DataLoader whose items are
+        read with every global generator seeded from ``(self.seed, seed, batch index)``: random
+        transforms inside a dataset repeat exactly, also in a resumed run. Under torchrun each batch of
+        ``batch_size`` (the global batch) is split across ranks, unless ``local``. ``drop_single`` leaves
+        out a last batch of one sample (BatchNorm cannot train on one).
         """
         first, n = start * batch_size, len(data)
+        if drop_single and n > 1 and n % batch_size == 1:
+            n -= 1
         world = 1 if local else self.world
         if isinstance(data, TensorData):
             order = order.to(self.device) if order is not None else None
@@ -491,8 +519,12 @@ class Strategy:
             order = order if order is not None else torch.arange(n)
             sampler = [(dist.shard(order[i:i + batch_size]) if world > 1 else order[i:i + batch_size]).tolist()
                        for i in range(first, n, batch_size)]
-            for sample in DataLoader(data, batch_sampler=sampler):
-                yield Batch.from_sample(sample).to(self.device)
+            loader = iter(DataLoader(data, batch_sampler=sampler, collate_fn=Batch.collate,
+                                     generator=torch.Generator()))  # draws nothing from torch's global generator
+            for k in range(start, start + len(sampler)):
+                with seeded(hash((self.seed, seed, k)) % 2**63):
+                    batch = next(loader)
+                yield batch.to(self.device)
 
     def _on_device(self, data: Dataset) -> Dataset:
         return data.to(self.device) if isinstance(data, TensorData) else data
@@ -530,6 +562,7 @@ class Strategy:
     def _inspect_model(self) -> None:
         """Find the head again (when the model was replaced or its head moved) and the forward's arguments."""
         self._takes_task = _takes_task(self.model)
+        self._batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         path = self.head_path
         if path is None or self._head_in(self.model) is None or not is_linear(self._head_in(self.model)):
             override = self._head_override if self._head_in(self.model, self._head_override) is not None else None
@@ -564,10 +597,12 @@ class Strategy:
         path = Path(path) if path else self.checkpoint_path
         return save(self, path, position) if dist.is_main() else path  # every rank holds the same state
 
-    def load_checkpoint(self, path: str | Path | None = None) -> dict:
-        """Restore a checkpoint into this strategy (built as the one that wrote it); returns its ``checkpoint_meta``."""
+    def load_checkpoint(self, path: str | Path | None = None, check_meta=None) -> dict:
+        """Restore a checkpoint into this strategy; returns its ``checkpoint_meta``. The strategy must be built
+        as the one that wrote it (model, optimizer, plugins, settings), else a CheckpointError names what
+        differs; nothing of the checkpoint's is mixed with this strategy's. ``check_meta(meta)`` may refuse it first."""
         from streamcl.checkpoint import load
-        meta = load(self, Path(path) if path else self.checkpoint_path)
+        meta = load(self, Path(path) if path else self.checkpoint_path, check_meta)
         self._net = dist.wrap(self.model, self.device, **self.ddp_options)
         return meta
 

@@ -73,3 +73,25 @@ class NoHead(nn.Module):
 
 
 USER_MODELS = {"mlp": mlp, "sequential": sequential, "resnet18": resnet18, "vit": vit}
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """A user's map-style dataset in torchvision's manner: items ``(transform(x), target_transform(y))``,
+    stored labels in ``targets`` (no task label), read one at a time through a DataLoader."""
+
+    def __init__(self, data: TensorData, transform=None, target_transform=None):
+        self.x, self.targets = data.x, data.y.tolist()
+        self.transform, self.target_transform = transform, target_transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x, y = self.x[i], self.targets[i]
+        return (x if self.transform is None else self.transform(x),
+                y if self.target_transform is None else self.target_transform(y))
+
+
+def jitter(x: torch.Tensor) -> torch.Tensor:
+    """A random transform drawing from torch's global generator, as torchvision's do."""
+    return x + 0.5 * torch.randn_like(x)

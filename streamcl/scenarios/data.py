@@ -1,8 +1,11 @@
 """Tensor-backed datasets (the fast path) and how any labelled dataset becomes one or a subset."""
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset
@@ -18,10 +21,12 @@ class TensorData(Dataset):
     """
 
     def __init__(self, x: Tensor, y: Tensor, t: Tensor | None = None):
-        y = torch.as_tensor(y, dtype=torch.long)
+        from streamcl.batch import labels
+
+        y = labels(y).reshape(-1)
         if x.shape[0] != y.shape[0]:
             raise DataError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
-        t = torch.zeros_like(y) if t is None else torch.as_tensor(t, dtype=torch.long)
+        t = torch.zeros_like(y) if t is None else labels(t, "task labels")
         if t.shape != y.shape:
             raise DataError(f"{t.shape[0]} task labels for {y.shape[0]} samples")
         self.x, self.y, self.t = x, y, t
@@ -47,14 +52,20 @@ class TensorData(Dataset):
 
 def targets_of(dataset: Dataset) -> Tensor:
     """The class label of every sample, read from ``.targets``/``.y`` or, failing that, by iteration."""
+    from streamcl.batch import labels
+
     for attr in ("targets", "y", "labels"):
         if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr), dtype=torch.long).reshape(-1)
+            found = getattr(dataset, attr)
+            transform = getattr(dataset, "target_transform", None)
+            if transform is not None:  # the labels the dataset yields, not the ones it stores
+                found = [transform(int(v)) for v in torch.as_tensor(found).reshape(-1)]
+            return labels(found).reshape(-1)
     if isinstance(dataset, Subset):
         return targets_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     if isinstance(dataset, ConcatDataset):
         return torch.cat([targets_of(d) for d in dataset.datasets])
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+    return labels([dataset[i][1] for i in range(len(dataset))])
 
 
 def as_dataset(data) -> Dataset:
@@ -116,6 +127,22 @@ def as_batch(data: Dataset, device=None):
     if isinstance(data, TensorData):
         data = data.to(device) if device is not None else data
         return Batch(data.x, data.y, data.t)
-    parts = [Batch.from_sample(s) for s in DataLoader(data, batch_size=1024)]
+    parts = list(DataLoader(data, batch_size=1024, collate_fn=Batch.collate))
     batch = parts[0].cat(*parts[1:])
     return batch.to(device) if device is not None else batch
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the context, torch's (CPU), Python's and numpy's global generators start from ``seed``;
+    after it, each is as it was before. Random transforms inside a dataset draw from these."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
