@@ -8,7 +8,7 @@ from torch import Tensor
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
-from streamcl.memory import Memory
+from streamcl.memory import Memory, check_room
 from streamcl.scenarios import as_batch
 
 
@@ -20,7 +20,8 @@ class GDumb(Plugin):
     ``strategy.generator``, to a memory of ``memory`` samples. A sample is stored if the memory has room;
     otherwise, if its class holds fewer than ``k_c = memory // |classes seen|`` samples (the current
     maximum per class), it replaces a random sample of the largest class (on ties, the one
-    found first in the memory's slots).
+    found first in the memory's slots). A memory smaller than the stream's classes (``k_c = 0``: once full,
+    a new class never gets in) is refused before the first experience trains.
 
     Learner (Alg. 2): at each evaluation that follows new data (``before_eval``), the model is reset to
     the weights it had when training started (a copy of its ``state_dict`` taken at the first
@@ -74,6 +75,7 @@ class GDumb(Plugin):
     # ------------------------------------------------------------------------------ sampler (Alg. 1)
     @hookimpl
     def before_training_exp(self, strategy) -> None:
+        check_room(self.capacity, strategy.experience.n_classes, repr(self))  # k_c >= 1, or a class never gets in
         if self.initial is None:
             self.initial = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
             return

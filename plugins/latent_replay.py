@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError
-from streamcl.memory import Budget, Codec, Memory, balanced, random_pick
+from streamcl.memory import Budget, Codec, Memory, balanced, check_room, random_pick
 from streamcl.models.nets import module_chain
 from streamcl.scenarios import as_batch
 
@@ -280,6 +280,16 @@ class LatentReplay(Plugin):
             for n in self.lower_modules:
                 strategy.model.get_submodule(n).training = False
 
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        """Refuse, before training, a memory of fewer latents than the stream has classes."""
+        exp = strategy.experience
+        if self.budget is None:  # memory_bytes: the size of one sample's latent tells how many fit
+            x, y, *rest = exp.dataset[0]
+            one = Batch(torch.as_tensor(x)[None], torch.as_tensor(y).reshape(1), torch.zeros(1, dtype=torch.long))
+            self._create(self._latents(strategy, one.to(strategy.device)))
+        check_room(self.budget.total, exp.n_classes, repr(self))
+
     # ------------------------------------------------------------------------------ replay
     @hookimpl
     def loss_terms(self, strategy, batch: Batch, output) -> dict | None:
@@ -297,13 +307,14 @@ class LatentReplay(Plugin):
         first = self._decide(strategy, new.select(slice(0, PROBE))) if self.mode is None else None
         if self.memory is None:
             self._create(first[:1] if first is not None else self._latents(strategy, new.select(slice(0, 1))))
-        self.classes += [c for c in exp.classes if c not in self.classes]
+        present = set(y.unique().tolist())  # a class of the experience without samples takes no quota
+        self.classes += [c for c in exp.classes if c in present and c not in self.classes]
         self.experiences += 1
         quotas = self.budget.quotas(self.classes)
-        self.memory.keep(balanced(self.memory.labels, {c: q for c, q in quotas.items() if c not in exp.classes}))
+        self.memory.keep(balanced(self.memory.labels, {c: q for c, q in quotas.items() if c not in present}))
         picks = []
         for c in self.classes:
-            if c in exp.classes:
+            if c in present:
                 members = torch.nonzero(y == c).flatten()
                 picks.append(members[random_pick(len(members), quotas[c], strategy.generator).to(members.device)])
         chosen = new.select(torch.cat(picks))

@@ -7,7 +7,7 @@ from torch import Tensor
 from streamcl import Batch, Plugin, hookimpl
 from streamcl import distributed as dist
 from streamcl.errors import ConfigError
-from streamcl.memory import Budget, Codec, Memory, balanced, herding, random_pick, reservoir
+from streamcl.memory import Budget, Codec, Memory, balanced, check_room, herding, random_pick, reservoir
 from streamcl.scenarios import as_batch
 
 SELECTIONS = ("class_balanced", "herding", "experience_balanced", "random", "reservoir")
@@ -20,8 +20,9 @@ class Replay(Plugin):
     the strategy's batch size). The memory holds ``memory`` samples in total (or ``per_class`` per
     class, or as many as fit in ``memory_bytes``) and is updated after each experience:
 
-    * ``class_balanced`` (default): the total split evenly over the classes seen, random samples (a
-      class that recurs, as in domain-incremental streams, split again evenly over its experiences);
+    * ``class_balanced`` (default): the total split evenly over the classes seen (those with samples), random
+      samples (a class that recurs, as in domain-incremental streams, split again evenly over its experiences);
+      a memory smaller than the stream's classes is refused before the first experience trains;
     * ``herding``: the same split, samples picked by herding on the model's features (iCaRL, Alg. 4;
       ``strategy.embed``, the input of the classifier head: a model without a linear head is refused
       when the Strategy is built);
@@ -78,6 +79,14 @@ class Replay(Plugin):
         if self.selection == "herding":
             strategy.require_head("the features that herding selection picks exemplars by", self)
 
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        """Refuse, before training, a class-balanced memory smaller than the stream's classes."""
+        if self.selection in ("class_balanced", "herding"):
+            exp = strategy.experience
+            memory = self._memory_for(torch.as_tensor(exp.dataset[0][0])[None], exp.n_classes)
+            check_room(memory.capacity, exp.n_classes, repr(self), ", or use selection='random' or 'reservoir'")
+
     # ------------------------------------------------------------------------------ replay
     @hookimpl
     def replay_batch(self, strategy, batch: Batch) -> Batch | None:
@@ -102,7 +111,8 @@ class Replay(Plugin):
         exp = strategy.experience
         new = as_batch(exp.dataset, strategy.device)
         memory = self._memory_for(new.x, exp.n_classes)
-        self.classes += [c for c in exp.classes if c not in self.classes]
+        present = set(new.y.unique().tolist())  # a class of the experience without samples takes no quota
+        self.classes += [c for c in exp.classes if c in present and c not in self.classes]
         self.experiences += 1
         if self.selection == "reservoir":
             return
@@ -119,7 +129,7 @@ class Replay(Plugin):
         if self.selection == "experience_balanced":
             keep = self._by_experience(pool_origin, n_stored, strategy.generator)
         else:
-            keep = self._by_class(strategy, pool, pool_origin, n_stored, set(exp.classes))
+            keep = self._by_class(strategy, pool, pool_origin, n_stored, present)
         memory.size = 0
         memory.append(*pool.select(keep), experience=pool_origin[keep])
 

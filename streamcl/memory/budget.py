@@ -31,3 +31,12 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(total={self.total})" if self.total is not None else f"Budget(per_class={self.per_class})"
+
+
+def check_room(capacity: int, n_classes: int, who: str, instead: str = "") -> None:
+    """Refuse a class-balanced memory of ``capacity`` samples on a stream of more classes: some class would get
+    no sample, and the budget split leaves others a quota of 0. ``instead`` names another way, if there is one."""
+    if capacity < n_classes:
+        raise ConfigError(f"{who}: the memory holds {capacity} samples but the stream has {n_classes} classes, and "
+                          f"class-balanced selection needs at least one sample per class; raise memory to at least "
+                          f"{n_classes}{instead}")
