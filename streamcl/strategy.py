@@ -18,7 +18,7 @@ from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
 from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error
 from streamcl.checkpoint import Position, settings_of, remove_leftovers
-from streamcl.errors import ConfigError, PluginError, TrainingError
+from streamcl.errors import ConfigError, DataError, PluginError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
@@ -106,6 +106,9 @@ class Strategy:
         self.head_path: str | None = find_head(self.model, head)
         self._head_checked = False
         self._inspect_model()
+        if self._batchnorm and batch_size == 1:
+            raise ConfigError(f"{type(model).__name__} has BatchNorm layers, which cannot train on one sample at a "
+                              "time: use a batch_size of 2 or more")
         self._check_requires()
         self.settings = settings_of(self)  # what a checkpoint loaded into this strategy must agree on
         self._emit("setup")
@@ -167,6 +170,9 @@ class Strategy:
             self.batch = self.batch.cat(*extra)
         if self._hook["held_out"]:
             self._hold_out()
+        if len(self.batch) == 1 and self._batchnorm:
+            raise DataError(f"{self.experience!r} gives a training batch of one sample, on which the model's "
+                            "BatchNorm layers cannot train; give the experience more samples")
         self.unaugmented = self.batch
         if self.augment is not None:
             with seeded(hash((self.seed, -1, self.global_step)) % 2**63):
@@ -466,6 +472,8 @@ class Strategy:
                 total = torch.zeros((), device=self.device)
                 for i in range(0, len(order), size):
                     part = data.select(order[i:i + size])
+                    if len(part) == 1 < len(order) and self._batchnorm:
+                        continue  # as in training: BatchNorm cannot train on one sample
                     optimizer.zero_grad(set_to_none=True)
                     value = loss(part)
                     value.backward()
