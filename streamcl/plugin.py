@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import pluggy
+import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from streamcl import hookspecs
+from streamcl.batch import Batch
 from streamcl.errors import PluginError
 
 PROJECT = "streamcl"
@@ -151,16 +155,94 @@ def make_manager(plugins: Sequence[object], engine_plugins: Iterable[object] = (
 TRANSFORMED = {"adapt_model": "model", "adapt_logits": "logits", "task_loss": "loss"}
 
 
+def _what(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Batch):
+        return f"a Batch whose x has shape {tuple(getattr(value.x, 'shape', ()))}"
+    return f"a {type(value).__name__}"
+
+
+def _refuse(name: str, plugin: object, value, expected: str) -> PluginError:
+    return PluginError(f"{type(plugin).__name__}.{name} returned {_what(value)}; {expected}")
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+
+
+def check_transform(name: str, plugin: object, value, previous):
+    """``value``, what ``plugin``'s transform hook ``name`` returned for ``previous``; :class:`PluginError` naming
+    the plugin and the hook if it is not a module (``adapt_model``), logits of ``previous``'s shape
+    (``adapt_logits``) or a one-element float tensor (``task_loss``)."""
+    if name == "adapt_model" and not isinstance(value, nn.Module):
+        raise _refuse(name, plugin, value, "it must return the nn.Module to train (or None to keep the model)")
+    if name == "adapt_logits" and not (isinstance(value, torch.Tensor) and value.shape == previous.shape):
+        raise _refuse(name, plugin, value, f"it must return logits of the shape it received, "
+                      f"{tuple(previous.shape)} (or None to keep them)")
+    if name == "task_loss" and not _is_scalar(value):
+        raise _refuse(name, plugin, value, "it must return the loss as a one-element float tensor (or None)")
+    return value
+
+
+def check_contribution(name: str, plugin: object, value, batch: Batch | None = None):
+    """``value``, what ``plugin``'s contribution hook ``name`` returned (not ``None``); :class:`PluginError` naming
+    the plugin and the hook if it is not what the hook combines (``batch``: the training batch it was given)."""
+    if name == "loss_terms":
+        bad = not isinstance(value, Mapping) or not all(isinstance(k, str) and _is_scalar(v) for k, v in value.items())
+        if bad:
+            shown = _what(value) if not isinstance(value, Mapping) else \
+                ", ".join(f"{k!r}: {_what(v)}" for k, v in value.items())
+            raise PluginError(f"{type(plugin).__name__}.loss_terms returned {shown}; it must return a mapping of "
+                              "term name to a one-element float tensor, e.g. {'lwf': loss} (or None)")
+    elif name == "replay_batch":
+        if not isinstance(value, Batch) or not all(isinstance(v, torch.Tensor) for v in value):
+            raise _refuse(name, plugin, value, "it must return a streamcl.Batch(x, y, t) of tensors (or None)")
+        if not len(value.x) == len(value.y) == len(value.t):
+            raise _refuse(name, plugin, value, f"its x, y and t must have one length ({len(value.x)}, "
+                          f"{len(value.y)}, {len(value.t)} given)")
+        if batch is not None and (value.x.shape[1:] != batch.x.shape[1:] or value.x.device != batch.x.device):
+            raise _refuse(name, plugin, value, f"its samples must have the training batch's shape "
+                          f"{tuple(batch.x.shape[1:])} and device ({batch.x.device}), not "
+                          f"{tuple(value.x.shape[1:])} on {value.x.device}")
+    elif name == "train_data" and not isinstance(value, Dataset):
+        raise _refuse(name, plugin, value, "it must return a torch Dataset, e.g. streamcl.TensorData(x, y) (or None)")
+    elif name == "held_out" and not (isinstance(value, torch.Tensor) and batch is not None
+                                     and tuple(value.shape) == (len(batch),)):
+        rows = "" if batch is None else f" ({len(batch)})"
+        raise _refuse(name, plugin, value, f"it must return a boolean tensor with one entry per row of the batch{rows}")
+    elif name == "param_groups" and not (isinstance(value, (list, tuple))
+                                         and all(isinstance(g, dict) and "params" in g for g in value)):
+        raise _refuse(name, plugin, value, "it must return a list of dicts with 'params', e.g. [{'params': ps, "
+                      "'lr': 0.1}] (or None)")
+    return value
+
+
+def _impls(pm: pluggy.PluginManager, name: str):
+    return reversed(getattr(pm.hook, name).get_hookimpls())  # plugin order (pluggy calls the last registered first)
+
+
+def contributions(pm: pluggy.PluginManager, name: str, **kwargs) -> list:
+    """The contribution hook ``name``'s pieces that are not ``None``, in plugin order, each checked by
+    :func:`check_contribution`."""
+    out = []
+    for impl in _impls(pm, name):
+        value = impl.function(*[kwargs[a] for a in impl.argnames])
+        if value is not None:
+            out.append(check_contribution(name, impl.plugin, value, kwargs.get("batch")))
+    return out
+
+
 def call_chain(pm: pluggy.PluginManager, name: str, value, **kwargs):
     """Fold the transform hook ``name`` over its implementations in plugin order.
 
     ``value`` is passed under the hook's transformed argument (``model``, ``logits`` or ``loss``)
-    and replaced by each implementation's return value (``None`` keeps it).
+    and replaced by each implementation's return value (``None`` keeps it), checked by :func:`check_transform`.
     """
     key = TRANSFORMED[name]
-    for impl in reversed(getattr(pm.hook, name).get_hookimpls()):
+    for impl in _impls(pm, name):
         kwargs[key] = value
         out = impl.function(*[kwargs[a] for a in impl.argnames])
         if out is not None:
-            value = out
+            value = check_transform(name, impl.plugin, out, value)
     return value

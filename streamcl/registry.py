@@ -6,7 +6,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any, Callable, Sequence
 
-from streamcl.errors import ConfigError
+from streamcl.errors import ConfigError, PluginError
 from streamcl.plugin import init_signature
 
 GROUP = "streamcl.plugins"
@@ -70,5 +70,8 @@ def check_arguments(factory: Callable, kwargs: dict, what: str) -> None:
 
 
 def resolve_plugins(plugins: Sequence[object]) -> list[object]:
-    """Plugin instances from a list that may mix instances and registered names."""
+    """Plugin instances from a list that may mix instances and registered names; a class is refused."""
+    for p in plugins:
+        if isinstance(p, type):
+            raise PluginError(f"{p.__name__} is a plugin class, not a plugin; pass an instance: {p.__name__}()")
     return [build_plugin(p) if isinstance(p, str) else p for p in plugins]

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from streamcl import ConfigError, Strategy
+from streamcl import Batch, ConfigError, Plugin, PluginError, Strategy, hookimpl
 from streamcl.methods import RECIPES, build_method
 from streamcl.models import MLP
 from streamcl.plugins.dark_replay import DarkReplay
@@ -93,3 +93,122 @@ def test_a_memory_smaller_than_the_classes_runs_where_no_class_needs_a_quota(plu
     for exp in bench.train_stream:
         s.train(exp)
     assert len(plugin.memory) == 5 and all(math.isfinite(a) for a in s.eval(bench.test_stream)["accuracy"])
+
+
+# ----------------------------------------------------------------------------- 5. a hook returning the wrong thing
+class Bad(Plugin):
+    """Returns ``value(**the hook's arguments)`` from its one hook."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class BadLogits(Bad):
+    @hookimpl
+    def adapt_logits(self, logits, batch):
+        return self.value(logits=logits, batch=batch)
+
+
+class BadModel(Bad):
+    @hookimpl
+    def adapt_model(self, model):
+        return self.value(model=model)
+
+
+class BadLoss(Bad):
+    @hookimpl
+    def task_loss(self, output, batch):
+        return self.value(output=output, batch=batch)
+
+
+class BadTerms(Bad):
+    @hookimpl
+    def loss_terms(self, batch, output):
+        return self.value(batch=batch, output=output)
+
+
+class BadReplay(Bad):
+    @hookimpl
+    def replay_batch(self, batch):
+        return self.value(batch=batch)
+
+
+class BadData(Bad):
+    @hookimpl
+    def train_data(self, experience):
+        return self.value(experience=experience)
+
+
+class BadHeldOut(Bad):
+    @hookimpl
+    def held_out(self, batch):
+        return self.value(batch=batch)
+
+
+class BadGroups(Bad):
+    @hookimpl
+    def param_groups(self, model):
+        return self.value(model=model)
+
+
+BAD = [
+    (BadLogits, lambda logits, **_: logits[:, :2],
+     r"BadLogits.adapt_logits returned a tensor of shape \(8, 2\); it must return logits of the shape it received, \(8, 4\)"),
+    (BadLogits, lambda logits, **_: logits.tolist(), r"BadLogits.adapt_logits returned a list"),
+    (BadModel, lambda model, **_: "model", r"BadModel.adapt_model returned a str; it must return the nn.Module"),
+    (BadLoss, lambda output, **_: output.logits.sum(1),
+     r"BadLoss.task_loss returned a tensor of shape \(8,\); it must return the loss as a one-element float tensor"),
+    (BadTerms, lambda output, **_: {"x": output.logits.sum(1)},
+     r"BadTerms.loss_terms returned 'x': a tensor of shape \(8,\); it must return a mapping of term name to a "
+     r"one-element float tensor"),
+    (BadTerms, lambda **_: {"x": 1.0}, r"BadTerms.loss_terms returned 'x': a float"),
+    (BadTerms, lambda output, **_: output.logits.sum(), r"BadTerms.loss_terms returned a tensor of shape \(\)"),
+    (BadReplay, lambda batch, **_: (batch.x, batch.y),
+     r"BadReplay.replay_batch returned a tuple; it must return a streamcl.Batch\(x, y, t\)"),
+    (BadReplay, lambda batch, **_: Batch(batch.x[:, :4], batch.y, batch.t),
+     r"BadReplay.replay_batch returned a Batch whose x has shape \(8, 4\); its samples must have the training batch's "
+     r"shape \(8,\)"),
+    (BadReplay, lambda batch, **_: Batch(batch.x, batch.y[:3], batch.t), r"its x, y and t must have one length"),
+    (BadData, lambda **_: [1, 2, 3], r"BadData.train_data returned a list; it must return a torch Dataset"),
+    (BadHeldOut, lambda batch, **_: torch.ones(len(batch) + 1, dtype=torch.bool),
+     r"BadHeldOut.held_out returned a tensor of shape \(9,\); it must return a boolean tensor with one entry per row "
+     r"of the batch \(8\)"),
+    (BadGroups, lambda model, **_: list(model.parameters()),
+     r"BadGroups.param_groups returned a list; it must return a list of dicts with 'params'"),
+]
+
+
+@pytest.fixture
+def engine_checks(monkeypatch):
+    """The engine's contributions checked by streamcl.plugin.contributions, until streamcl/strategy.py calls it."""
+    import streamcl.strategy
+    from streamcl.plugin import contributions
+
+    if not hasattr(streamcl.strategy, "contributions"):
+        def checked(self, name, **kwargs):
+            return [] if self._hook[name] is None else contributions(self.pm, name, strategy=self, **kwargs)
+        monkeypatch.setattr(Strategy, "_contributions", checked)
+
+
+@pytest.mark.parametrize("cls,value,match", BAD, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(BAD)])
+def test_a_hook_returning_the_wrong_thing_is_a_plugin_error_naming_plugin_and_hook(cls, value, match, engine_checks):
+    s = make([cls(value)])
+    with pytest.raises(PluginError, match=match):
+        s.train(class_incremental(blobs(), blobs(10, seed=1), 2).train_stream[0])
+
+
+@pytest.mark.parametrize("hook,value", [
+    ("loss_terms", {"a": torch.tensor(1.0)}), ("loss_terms", {"a": torch.ones(1)}),
+    ("replay_batch", Batch(torch.zeros(2, 8), torch.zeros(2).long(), torch.zeros(2).long())),
+    ("train_data", TensorData(torch.zeros(2, 8), torch.zeros(2))), ("held_out", torch.zeros(8, dtype=torch.bool)),
+    ("param_groups", [{"params": [torch.zeros(1)], "lr": 0.1}])])
+def test_what_a_hook_should_return_passes_the_check(hook, value):
+    from streamcl.plugin import check_contribution
+
+    batch = Batch(torch.zeros(8, 8), torch.zeros(8).long(), torch.zeros(8).long())
+    assert check_contribution(hook, object(), value, batch) is value
+
+
+def test_a_plugin_class_instead_of_an_instance_is_refused():
+    with pytest.raises(PluginError, match=r"Replay is a plugin class, not a plugin; pass an instance: Replay\(\)"):
+        make([Replay])
