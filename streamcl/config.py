@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "train": {
         "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
         "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
-        "checkpoint_every": (_INT, 0),
+        "checkpoint_every": (_INT, 0), "augment": (_STR, None),
     },
     "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True)},
 }
@@ -43,6 +43,7 @@ CHOICES = {
     ("benchmark", "scenario"): ("class", "task", "domain"),
     ("model", "name"): ("mlp", "cnn"),
     ("train", "optimizer"): ("sgd", "adam"),
+    ("train", "augment"): ("crop_flip",),
     ("train", "device"): None,  # any torch device string
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")

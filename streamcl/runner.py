@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamcl import augment
 from streamcl import distributed as dist
 from streamcl.datasets import fashion_mnist
 from streamcl.errors import ConfigError, DataError
@@ -189,7 +190,7 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",
-                        checkpoint_every=t["checkpoint_every"] or None)
+                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment")))
     strategy.checkpoint_meta = {"config": cfg}
     if resume:
         _resume(strategy, out, cfg)

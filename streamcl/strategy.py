@@ -37,8 +37,9 @@ class Strategy:
     ``nn.Module``; its classifier head is found (see :mod:`streamcl.parts`) or named by ``head``, a
     dotted path such as ``"classifier.6"``. ``eval_every`` evaluates ``eval_stream`` after every that
     many epochs, logged as its own curves (never in the accuracy matrix). ``augment`` (a random transform
-    of one input tensor, e.g. torchvision's ``RandomCrop``) is applied to every training input, replayed
-    ones included, with randomness from ``seed``; memories store the inputs before it (``unaugmented``).
+    of one input, e.g. torchvision's ``RandomCrop``, or of a whole batch: :mod:`streamcl.augment`) is
+    applied to every training input, replayed ones included, with randomness from ``seed``; memories
+    store the inputs before it (``unaugmented``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
@@ -176,7 +177,8 @@ class Strategy:
         self.unaugmented = self.batch
         if self.augment is not None:
             with seeded(hash((self.seed, -1, self.global_step)) % 2**63):
-                x = torch.stack([self.augment(v) for v in self.batch.x])
+                x = self.augment(self.batch.x) if getattr(self.augment, "batched", False) else \
+                    torch.stack([self.augment(v) for v in self.batch.x])
             self.batch = Batch(x, self.batch.y, self.batch.t)
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")

@@ -1,0 +1,56 @@
+"""Training-time augmentation applied by the engine (``Strategy(augment=...)``, config ``train.augment``).
+
+Memories store clean inputs; the engine augments every training input, new and replayed alike. A
+callable with ``batched = True`` takes the whole minibatch ``(N, C, H, W)`` at once (on the device);
+any other callable takes one input at a time (torchvision's transforms do).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from streamcl.errors import ConfigError
+
+
+class CropFlip:
+    """A random crop of the input's size after ``padding`` zero pixels on each side, then a horizontal
+    flip with probability one half, drawn per sample (the CIFAR-style augmentation of SFM-5-CNN)."""
+
+    batched = True
+
+    def __init__(self, padding: int = 2, flip: bool = True):
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ConfigError(f"CropFlip padding={padding!r}: a whole number of pixels >= 0")
+        self.padding, self.flip = padding, flip
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ConfigError(f"CropFlip takes images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        p = self.padding
+        padded = F.pad(x, (p, p, p, p))
+        dy, dx = (torch.randint(0, 2 * p + 1, (n,)).to(x.device) for _ in range(2))  # CPU draws: seeded
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                     torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+        if self.flip:
+            flip = (torch.rand(n) < 0.5).to(x.device)[:, None, None, None]
+            out = torch.where(flip, out.flip(-1), out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"CropFlip(padding={self.padding}, flip={self.flip})"
+
+
+AUGMENTATIONS = {"crop_flip": CropFlip}
+
+
+def build(name: str | None):
+    """The augmentation a config names (``None``: none)."""
+    if name is None:
+        return None
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"train.augment = {name!r}: use one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]()
