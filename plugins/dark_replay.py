@@ -92,7 +92,7 @@ class DarkReplay(Plugin):
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
         n = strategy.n_current
-        current = strategy.batch.select(slice(0, n))
+        current = strategy.unaugmented.select(slice(0, n))  # stored clean, augmented when replayed
         logits = strategy.output.raw[:n].detach()  # the network's own output, before adapt_logits
         # every rank offers the same samples (each holds its share of the minibatch)
         x, y, t, z = (dist.all_gather(v) for v in (*current, logits))

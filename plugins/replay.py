@@ -98,7 +98,7 @@ class Replay(Plugin):
     def after_training_iteration(self, strategy) -> None:
         if self.selection != "reservoir":
             return
-        current = strategy.batch.select(slice(0, strategy.n_current))
+        current = strategy.unaugmented.select(slice(0, strategy.n_current))  # stored clean
         x, y, t = (dist.all_gather(v) for v in current)  # every rank offers the same samples
         memory = self._memory_for(x, strategy.experience.n_classes)
         slots, items = reservoir(self.seen, len(y), memory.capacity, strategy.generator)

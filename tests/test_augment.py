@@ -1,4 +1,5 @@
 """streamcl.augment.CropFlip checked against every crop and flip written out by hand; the config key."""
+import pytest
 import torch
 
 from plugins.replay import Replay
@@ -37,3 +38,17 @@ def test_config_augment_trains_on_crops_and_keeps_clean_samples_in_memory():
     for exp in bench.train_stream:
         s.train(exp)
     assert all(any(torch.equal(v, c) for c in clean) for v in s.memory.inputs())
+
+
+@pytest.mark.parametrize("plugin", ["reservoir", "dark_replay"])
+def test_online_memories_store_the_inputs_before_augmentation(plugin):
+    from plugins.dark_replay import DarkReplay
+
+    bench = image_benchmark()
+    torch.manual_seed(0)
+    m = MLP(784, [16], 4)
+    p = Replay(8, selection="reservoir") if plugin == "reservoir" else DarkReplay(memory=8)
+    s = Strategy(m, torch.optim.SGD(m.parameters(), lr=0.01), plugins=[p], batch_size=8, seed=0, augment=CropFlip())
+    s.train(bench.train_stream[0])
+    clean = bench.train_stream[0].dataset.x
+    assert all(any(torch.equal(v, c) for c in clean) for v in p.memory.inputs())
