@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from streamcl import ConfigError, Plugin, hookimpl
+from streamcl import Batch, ConfigError, Plugin, hookimpl
 from streamcl.parts import capture_input, replace_module
 from streamcl.penalty import stability_limit
 
@@ -236,9 +236,20 @@ class HyperNetwork(Plugin):
     left out: the term is taken at the current ``Theta_h``.
 
     Task-incremental: the task label is given at training and test time (SFM-5-TIL). A label trained
-    again later (a class-incremental stream has task label 0 throughout) gets a warning: its
-    embedding learns again and nothing keeps its earlier weights, so the plugin is then a plain
-    reparameterised model. A task label never trained is run with the highest-numbered embedding.
+    again later gets a warning: its embedding learns again and nothing keeps its earlier weights. A
+    task label never trained is run with the highest-numbered embedding.
+
+    Class-incremental (an experience without a task label whose samples all carry one, as in
+    SFM-5: task label 0 throughout): each experience is a task of its own, numbered by its index, and
+    the task is inferred at test time by predictive entropy (HNET+ENT, Sec. 4.1 and Table 1, CL3). In
+    training each sample runs with the embedding of the latest experience holding its class (its own,
+    unless it is replayed) and its logits are masked to that experience's classes (the paper's one head
+    per task); in evaluation every such task's weights run, each on its own classes, and the task whose
+    softmax has the lowest entropy gives the prediction.
+    (Task label 0 trained again at every experience made a plain reparameterised model fine-tuned on
+    all classes: the loss of about 12 at the start of an experience, with the generated weights stepping
+    at ``|h|^2 + 1``, about 20, times the learning rate (``h`` a chunk's last hidden layer), drove SGD to
+    a non-finite loss at experience 2 of SFM-5.)
 
     Defaults. From the paper's split-MNIST classifier hypernetwork (its code's defaults): embeddings
     of 96 (``task_dim``, ``chunk_dim``), hidden layers ``[10, 10]`` (ReLU). Measured otherwise, on
@@ -290,16 +301,19 @@ class HyperNetwork(Plugin):
         self.beta_used = self.beta  # beta, capped at half the SGD stability limit of the current experience
         self.trained: list[int] = []  # task labels of the experiences trained so far
         self.current: list[int] = []  # the current experience's
+        self.inferred: dict[int, list[int]] = {}  # task -> classes, for tasks without a label: inferred at test
         self.targets: dict[int, Tensor] = {}  # f_h(e_t, Theta_h*) of every earlier task, flat
         self._stack: Tensor | None = None
 
     # ------------------------------------------------------------------------------ model
     @staticmethod
     def experience_tasks(exp) -> list[int]:
+        """``exp``'s task label, else its samples' ones; if they all carry one (or none), the task ``exp.index``."""
         if exp.task is not None:
             return [int(exp.task)]
         t = getattr(exp.dataset, "t", None)
-        return sorted(set(t.tolist())) if isinstance(t, Tensor) and t.numel() else [0]
+        tasks = sorted(set(t.tolist())) if isinstance(t, Tensor) and t.numel() else []
+        return tasks if len(tasks) > 1 else [exp.index]
 
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
@@ -322,14 +336,16 @@ class HyperNetwork(Plugin):
     # ------------------------------------------------------------------------------ targets
     @hookimpl
     def before_training_exp(self, strategy) -> None:
-        model = strategy.model
-        self.current = self.experience_tasks(strategy.experience)
+        model, exp = strategy.model, strategy.experience
+        self.current = self.experience_tasks(exp)
+        if exp.task is None and self.current == [exp.index]:  # the latest task, for the classes it holds
+            self.inferred.pop(exp.index, None)
+            self.inferred[exp.index] = sorted(exp.classes)
         again = [t for t in self.current if t in self.trained]
         if again:
             warnings.warn(f"HyperNetwork: task label {again[0]} was trained in an earlier experience, so its "
-                          "embedding learns again and nothing keeps its earlier weights (a class-incremental "
-                          "stream has task label 0 throughout: the hypernetwork is then a plain reparameterised "
-                          "model); use a task-incremental stream (scenario = task)", RuntimeWarning, stacklevel=2)
+                          "embedding learns again and nothing keeps its earlier weights; give each experience "
+                          "its own task label", RuntimeWarning, stacklevel=2)
         earlier = sorted(t for t in self.trained if t not in self.current)
         with torch.no_grad():  # computed as the regulariser computes them, so it is exactly 0 right now
             out = model.generate(torch.stack([model.task_embeddings[t] for t in earlier])) if earlier else None
@@ -349,6 +365,41 @@ class HyperNetwork(Plugin):
     def after_training_exp(self, strategy) -> None:
         self.trained += [t for t in self.current if t not in self.trained]
 
+    # ------------------------------------------------------------------------------ inferred tasks (HNET+ENT)
+    def _tables(self, n_classes: int, device) -> tuple[Tensor, Tensor]:
+        """``task_of[c]``, the latest inferred task holding class ``c`` (-1: none), and ``allowed[k, c]``."""
+        task_of = torch.full((n_classes,), -1, dtype=torch.long)
+        allowed = torch.zeros(1 + max(self.inferred), n_classes, dtype=torch.bool)
+        for task, classes in self.inferred.items():  # in training order
+            classes = [c for c in classes if c < n_classes]
+            task_of[classes], allowed[task, classes] = task, True
+        return task_of.to(device), allowed.to(device)
+
+    @hookimpl
+    def before_forward(self, strategy) -> None:
+        if len(self.current) == 1 and self.current[0] in self.inferred:  # each row: its class's task's embedding
+            batch = strategy.batch
+            task_of, _ = self._tables(strategy.experience.n_classes, batch.y.device)
+            t = task_of[batch.y.clamp(0, len(task_of) - 1)]
+            strategy.batch = Batch(batch.x, batch.y, torch.where(t >= 0, t, self.current[0]))
+
+    @hookimpl
+    def adapt_logits(self, strategy, logits: Tensor, batch) -> Tensor | None:
+        """Training (train mode): each row's logits masked to the classes of its class's task. Otherwise
+        (evaluation): every inferred task's logits on its own classes, the row's task the one of the lowest
+        predictive entropy."""
+        if not self.inferred:
+            return None
+        task_of, allowed = self._tables(logits.shape[1], logits.device)
+        if strategy.is_training and strategy.model.training:
+            task = task_of[batch.y.clamp(0, logits.shape[1] - 1)]
+            return logits.masked_fill(~(allowed[task.clamp(min=0)] | (task < 0)[:, None]), float("-inf"))
+        tasks = sorted(self.inferred)
+        outs = torch.stack([strategy.model(batch.x, torch.full_like(batch.t, t)) for t in tasks])
+        outs = outs.masked_fill(~allowed[tasks][:, None], float("-inf"))
+        best = torch.special.entr(outs.softmax(-1)).sum(-1).argmin(0)
+        return outs[best, torch.arange(len(batch), device=logits.device)]
+
     @hookimpl
     def loss_terms(self, strategy, batch, output) -> dict[str, Tensor] | None:
         if not self.targets or self.beta_used == 0:
@@ -366,10 +417,12 @@ class HyperNetwork(Plugin):
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"trained": list(self.trained), "current": list(self.current), "beta_used": self.beta_used,
-                "targets": {t: v.clone() for t, v in self.targets.items()}}
+                "targets": {t: v.clone() for t, v in self.targets.items()},
+                "inferred": {t: list(c) for t, c in self.inferred.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.trained, self.current = list(state["trained"]), list(state["current"])
         self.beta_used = state["beta_used"]
+        self.inferred = {t: list(c) for t, c in state.get("inferred", {}).items()}
         self.targets = {t: v.clone() for t, v in state["targets"].items()}
         self._stack = None

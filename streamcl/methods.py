@@ -83,7 +83,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                build_plugin("replay", memory=memory), build_plugin("cosine_head"),
                build_plugin("less_forget", lambda_base=lambda_base), build_plugin("margin_ranking", margin=margin, k=k)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
-           "regulariser keeps earlier tasks' generated weights (task-incremental)",
+           "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
+           "by the lowest predictive entropy)",
            lambda beta=1.0: [build_plugin("hypernetwork", beta=beta)]),
     Recipe("mir", "replay of the stored samples that a virtual SGD step on the minibatch would hurt most",
            lambda memory=500, subsample=None: [build_plugin("mir", memory=memory, subsample=subsample)]),
