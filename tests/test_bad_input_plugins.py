@@ -262,3 +262,35 @@ def test_the_hypernetwork_recipe_on_sfm5_class_incremental_finishes():
         warnings.simplefilter("ignore")
         results = runner.run(cfg)  # stopped with a non-finite loss at experience 2 before
     assert results["final_accuracy"] > 0.3  # naive fine-tuning: about 0.2
+
+
+# ----------------------------------------------------------------------------- 4. EWC and MAS per-sample gradients
+def test_a_resnet18s_per_sample_gradients_fit_the_budget_and_a_tiny_model_keeps_a_large_chunk():
+    import torchvision
+
+    from streamcl import penalty
+
+    with torch.device("meta"):  # shapes only: no memory
+        params = list(torchvision.models.resnet18().parameters())
+    n = sum(p.numel() for p in params)
+    rows = penalty.rows_within(params)
+    assert 11_600_000 < n < 11_700_000 and penalty.BUDGET == 1 << 30
+    assert 1 <= rows and rows * n * 4 <= penalty.BUDGET  # 22 samples, 0.96 GiB; the 512 of a chunk would be 22 GiB
+    assert penalty.rows_within(list(MLP(784, [256, 256], 10).parameters())) >= penalty.CHUNK
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+def test_ewc_and_mas_take_per_sample_gradients_in_slices_within_the_budget(name, monkeypatch):
+    from streamcl import penalty
+    from streamcl.registry import build_plugin
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8)), torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 4))  # the convolution takes torch.func's per-sample way
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[build_plugin(name)], batch_size=8,
+                 epochs=1, seed=0)
+    sizes, original = [], penalty._per_sample
+    monkeypatch.setattr(penalty, "_per_sample", lambda st, b, sc, names: sizes.append(len(b)) or original(st, b, sc, names))
+    monkeypatch.setattr(penalty, "BUDGET", 3 * 8 * 4)  # the convolution's 8 floats: three samples at a time
+    s.train(class_incremental(blobs(), blobs(10, seed=1), 2).train_stream[0])  # 40 samples
+    assert max(sizes) == 3 and sum(sizes) == 2 + 40  # the outer-product check on 2, then 40 in slices of <= 3
