@@ -24,7 +24,7 @@ from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
 from streamcl.optim import ParamGroups
 from streamcl.parts import capture_input, find_head, grown_linear, is_linear, replace_module
-from streamcl.plugin import call_chain, check_roles, make_manager, plugin_name
+from streamcl.plugin import call_chain, check_roles, contributions, make_manager, plugin_name
 from streamcl.scenarios import Experience, TensorData, join
 from streamcl.scenarios.data import seeded
 
@@ -545,8 +545,7 @@ class Strategy:
             hook(strategy=self)
 
     def _contributions(self, name: str, **kwargs) -> list:
-        hook = self._hook[name]
-        return [] if hook is None else hook(strategy=self, **kwargs)
+        return [] if self._hook[name] is None else contributions(self.pm, name, strategy=self, **kwargs)
 
     def _adapt_model(self, exp: Experience) -> None:
         seen = max(max(exp.classes, default=-1), *(max(e.classes, default=-1) for e in self.trained), -1) + 1

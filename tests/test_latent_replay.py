@@ -152,7 +152,7 @@ def test_bad_configs_are_refused_clearly():
         with pytest.raises(ConfigError):
             LatentReplay(**kwargs)
     with pytest.raises(ConfigError, match="needs a classifier head to place the default cut.*layer='path.to.module'"):
-        Strategy(NoHead(), torch.optim.SGD(NoHead().parameters(), lr=0.1), plugins=[LatentReplay()])
+        Strategy(headless := NoHead(), torch.optim.SGD(headless.parameters(), lr=0.1), plugins=[LatentReplay()])
     with pytest.raises(ConfigError, match="layer=9 is out of range.*1 to 5"):
         make(LatentReplay(layer=9))
     with pytest.raises(ConfigError, match="layer='backbone.7': MLP has no module there; its modules include backbone"):
