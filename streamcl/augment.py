@@ -6,6 +6,8 @@ any other callable takes one input at a time (torchvision's transforms do).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -19,14 +21,18 @@ class CropFlip:
 
     batched = True
 
-    def __init__(self, padding: int = 2, flip: bool = True):
+    def __init__(self, padding: int = 2, flip: bool = True, image_shape: tuple[int, int, int] | None = None):
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ConfigError(f"CropFlip padding={padding!r}: a whole number of pixels >= 0")
         self.padding, self.flip = padding, flip
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.image_shape is not None and x.ndim == 2:  # flat inputs: images of image_shape, flattened
+            return self(x.reshape(len(x), *self.image_shape)).reshape(x.shape)
         if x.ndim != 4:
-            raise ConfigError(f"CropFlip takes images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+            raise ConfigError(f"CropFlip takes images (N, C, H, W), or flat ones with image_shape=(C, H, W); "
+                              f"got inputs of shape {tuple(x.shape)}")
         n, _, h, w = x.shape
         p = self.padding
         padded = F.pad(x, (p, p, p, p))
@@ -41,16 +47,18 @@ class CropFlip:
         return out
 
     def __repr__(self) -> str:
-        return f"CropFlip(padding={self.padding}, flip={self.flip})"
+        return f"CropFlip(padding={self.padding}, flip={self.flip}, image_shape={self.image_shape})"
 
 
 AUGMENTATIONS = {"crop_flip": CropFlip}
 
 
-def build(name: str | None):
-    """The augmentation a config names (``None``: none)."""
+def build(name: str | None, input_shape: tuple = ()):
+    """The augmentation a config names (``None``: none), for inputs of ``input_shape``: flat inputs of
+    a square length (Fashion-MNIST's 784) are one-channel square images."""
     if name is None:
         return None
     if name not in AUGMENTATIONS:
         raise ConfigError(f"train.augment = {name!r}: use one of {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name]()
+    side = math.isqrt(input_shape[0]) if len(input_shape) == 1 else 0
+    return AUGMENTATIONS[name](image_shape=(1, side, side) if side and side * side == input_shape[0] else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import random
 import sys
@@ -174,7 +175,8 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
          benchmark: Benchmark | None, model: nn.Module | None) -> dict:
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
-    n_features = bench.train_stream[0].dataset[0][0].numel()
+    sample_shape = tuple(bench.train_stream[0].dataset[0][0].shape)
+    n_features = math.prod(sample_shape)
     model = build_model(cfg, bench.n_classes, n_features) if model is None else model
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
@@ -190,7 +192,7 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",
-                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment")))
+                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t["augment"], sample_shape))
     strategy.checkpoint_meta = {"config": cfg}
     if resume:
         _resume(strategy, out, cfg)

@@ -18,7 +18,7 @@ from streamcl import distributed as dist
 from streamcl.batch import Batch, Output
 from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error
 from streamcl.checkpoint import Position, settings_of, remove_leftovers
-from streamcl.errors import ConfigError, DataError, PluginError, TrainingError
+from streamcl.errors import ConfigError, DataError, PluginError, StreamclError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
@@ -176,10 +176,7 @@ class Strategy:
                             "BatchNorm layers cannot train; give the experience more samples")
         self.unaugmented = self.batch
         if self.augment is not None:
-            with seeded(hash((self.seed, -1, self.global_step)) % 2**63):
-                x = self.augment(self.batch.x) if getattr(self.augment, "batched", False) else \
-                    torch.stack([self.augment(v) for v in self.batch.x])
-            self.batch = Batch(x, self.batch.y, self.batch.t)
+            self.batch = Batch(self._augmented(self.batch.x), self.batch.y, self.batch.t)
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("before_forward")
         self.output = self.forward(self.batch)
@@ -200,6 +197,21 @@ class Strategy:
         self.global_step += 1
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and self.checkpoint_dir:
             self.save_checkpoint(position=True)
+
+    def _augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """``augment`` on the inputs (whole batch if it is ``batched``, else each one), seeded from the step."""
+        try:
+            with seeded(hash((self.seed, -1, self.global_step)) % 2**63):
+                out = self.augment(x) if getattr(self.augment, "batched", False) else \
+                    torch.stack([torch.as_tensor(self.augment(v)) for v in x])
+        except StreamclError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"augment={self.augment!r} failed on inputs of shape {tuple(x.shape[1:])}: "
+                              f"{type(err).__name__}: {err}") from None
+        if out.shape[0] != x.shape[0]:
+            raise ConfigError(f"augment={self.augment!r} turned {x.shape[0]} inputs into {out.shape[0]}")
+        return out
 
     def task_loss(self, output: Output, batch: Batch) -> torch.Tensor:
         """The ``task_loss`` chain's result, else ``criterion`` on the (adapted) logits and the labels."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from plugins.replay import Replay
-from streamcl import Strategy, config, runner
+from streamcl import ConfigError, Strategy, config, runner
 from streamcl.augment import CropFlip
 from streamcl.models import MLP
 from streamcl.scenarios.data import seeded
@@ -52,3 +52,22 @@ def test_online_memories_store_the_inputs_before_augmentation(plugin):
     s.train(bench.train_stream[0])
     clean = bench.train_stream[0].dataset.x
     assert all(any(torch.equal(v, c) for c in clean) for v in p.memory.inputs())
+
+
+def test_an_augment_that_fails_on_the_inputs_says_so():
+    import torchvision
+
+    bench = image_benchmark()
+    flat = [type(e)(e.index, type(e.dataset)(e.dataset.x.flatten(1), e.dataset.y), e.classes, e.n_classes)
+            for e in bench.train_stream]
+    m = MLP(784, [16], 4)
+    s = Strategy(m, torch.optim.SGD(m.parameters(), lr=0.01), batch_size=8, seed=0,
+                 augment=torchvision.transforms.RandomCrop(28, padding=2))
+    with pytest.raises(ConfigError, match=r"augment=RandomCrop.*failed on inputs of shape \(784,\)"):
+        s.train(flat[0])
+    s = Strategy(m, torch.optim.SGD(m.parameters(), lr=0.01), batch_size=8, seed=0, augment=CropFlip())
+    with pytest.raises(ConfigError, match=r"CropFlip takes images"):
+        s.train(flat[0])
+    s = Strategy(m, torch.optim.SGD(m.parameters(), lr=0.01), batch_size=8, seed=0,
+                 augment=CropFlip(image_shape=(1, 28, 28)))
+    s.train(flat[0])  # flat images of a given shape
