@@ -1,4 +1,4 @@
-"""Random configs on random small user models, one short run each: either a streamcl error that names the
+"""Random configs on random small user models (or the config's own), one short run each: either a streamcl error that names the
 cause, or a run that did what the config asked (every experience trained and measured, accuracies in [0, 1]).
 Never a bare traceback. The draws are seeded, so a failing case repeats: its number is in the test id."""
 from __future__ import annotations
@@ -39,12 +39,18 @@ def draw(case: int) -> tuple[dict, str, dict]:
     train = {"epochs": r.choice([1, 2]), "batch_size": r.choice([1, 3, 16, 64]), "eval_batch_size": r.choice([1, 7, 64]),
              "lr": r.choice([1e-4, 0.01, 0.1, 1.0, 50.0]), "optimizer": r.choice(["sgd", "adam"]),
              "momentum": r.choice([0.0, 0.9]), "checkpoint_every": r.choice([0, 2])}
+    if r.random() < 0.3:
+        train["augment"] = "crop_flip"
     scenario = r.choice(["class", "task"])
     cfg = {"seed": r.randrange(1000), "method": method, "train": train,
            "benchmark": {"scenario": scenario, "n_experiences": 2},
            "log": {"tensorboard": False, "console": False}}
     data = {"n_classes": 4, "n_experiences": 2, "n_per_class": r.choice([1, 2, 8]), "task_labels": scenario == "task"}
-    return cfg, r.choices(list(MODELS), weights=[2, 2, 1])[0], data
+    model = r.choices([*MODELS, "config"], weights=[2, 2, 1, 1])[0]
+    if model == "config":  # the config's own model, as `streamcl run` builds it
+        cfg["model"] = {"name": r.choice(["mlp", "cnn"]), "hidden": r.choice([[16], [8, 8], [0], [-5]]),
+                        "growing": r.random() < 0.5}
+    return cfg, model, data
 
 
 @pytest.mark.parametrize("case", range(CASES))
@@ -53,7 +59,8 @@ def test_a_random_config_on_a_random_model_runs_as_asked_or_says_why_not(case, t
     torch.manual_seed(case)
     try:
         cfg = config.parse(cfg)
-        res = runner.run(cfg, tmp_path / "run", benchmark=image_benchmark(**data), model=MODELS[model_name](4))
+        model = MODELS[model_name](4) if model_name in MODELS else None
+        res = runner.run(cfg, tmp_path / "run", benchmark=image_benchmark(**data), model=model)
     except StreamclError as err:
         assert str(err).strip(), "a streamcl error must say what is wrong"
         return
