@@ -83,8 +83,8 @@ class Record:
         self.logits.append(strategy.output.raw[:n].detach().clone())
 
 
-def run(plugins, n_classes=4, n_exp=2, seed=0, **kwargs):
-    torch.manual_seed(seed)
+def run(plugins, n_classes=4, n_exp=2, seed=0, init_seed=None, **kwargs):
+    torch.manual_seed(seed if init_seed is None else init_seed)
     bench = tiny_benchmark(n_classes, n_exp)
     model = MLP(8, [16], n_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -133,7 +133,7 @@ def test_tiny_stream_checkpoint_resume_continues_identically(tmp_path):
     s.train(bench.train_stream[1:])
     first = s.eval(bench.test_stream)
 
-    b, bench = run([DarkReplay(memory=30)], n_classes=6, n_exp=3, seed=1)  # other weights: the checkpoint wins
+    b, bench = run([DarkReplay(memory=30)], n_classes=6, n_exp=3, init_seed=1)  # other weights: the checkpoint's win
     b.load_checkpoint(tmp_path / "a.pt")
     b.train(bench.train_stream[1:])
     second = b.eval(bench.test_stream)

@@ -213,9 +213,9 @@ def test_refusals_at_construction():
     with pytest.raises(ConfigError, match=r"rows of the classifier head's weight.*'head' \(RowlessHead, 4 outputs\) "
                                           r"has no \.weight"):
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[WA()], batch_size=16, seed=0)
-    no_head = nn.Sequential(nn.Flatten(), nn.ReLU())
+    no_head = nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Bilinear(8, 8, 4))
     with pytest.raises(ConfigError, match=r"WA\(\) needs the model's classifier head"):
-        Strategy(no_head, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), plugins=[WA()], seed=0)
+        Strategy(no_head, torch.optim.SGD(no_head.parameters(), lr=0.1), plugins=[WA()], seed=0)
     from streamcl.plugins.cosine_head import CosineHead  # replaces the head: refused by role
     with pytest.raises(PluginError, match="architecture"):
         build([CosineHead(), WA()])

@@ -126,6 +126,8 @@ class Memory:
     def inputs(self, slots: Tensor | slice | None = None) -> Tensor:
         """The (decoded) inputs at ``slots`` (all stored samples by default)."""
         slots = slice(0, self.size) if slots is None else slots
+        if self.x is None:  # nothing written yet
+            return torch.empty((0, *self.shape), dtype=self.dtype)
         scale = None if self.scale is None else self.scale[slots]
         return self.codec.decode(self.x[slots], scale, self.shape, self.dtype)
 
