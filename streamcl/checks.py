@@ -19,7 +19,7 @@ def check_experience(exp: Experience) -> None:
     if len(exp) == 0:
         raise DataError(f"{exp!r} is empty: a stream's experiences must hold at least one sample")
     data = exp.dataset
-    if isinstance(data, TensorData) and data.x.is_floating_point() and not bool(torch.isfinite(data.x).all()):
+    if isinstance(data, TensorData) and not _finite(data.x):
         raise DataError(f"{exp!r}: {non_finite_inputs()}")
     if not (isinstance(data, TensorData) or hasattr(data, "targets")):
         return  # labels are checked batch by batch by the loss instead of reading the whole dataset here
@@ -33,6 +33,14 @@ def check_experience(exp: Experience) -> None:
     if stray:
         raise DataError(f"{exp!r} holds label(s) {stray[:5]}, which are not among its classes {list(exp.classes)}; "
                         "build the stream from the labels the dataset yields (its target_transform included)")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite; a finite sum settles it in one pass (NaN and infinities make the
+    sum non-finite), an overflowing one falls back to the elementwise check."""
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def check_repeatable(strategy, exp: Experience) -> None:
