@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from streamcl import distributed as dist  # noqa: E402
 from tests.reliability import UNITS, Crash, numbers, tiny_run  # noqa: E402
 
@@ -68,6 +70,7 @@ def main() -> None:
         (out / "resume.json").write_text(json.dumps(resumed))
         (out / "helpers.json").write_text(json.dumps(checks))
         (out / "world.json").write_text(json.dumps({"world_size": dist.world_size()}))
+    torch.distributed.barrier()  # leave together: a rank tearing its group down while another still works may abort
 
 
 if __name__ == "__main__":
