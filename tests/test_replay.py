@@ -4,7 +4,7 @@ import torch
 from streamcl import ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.plugins import Replay
-from tests.accuracy import mean_final, protocol_runs
+from tests.accuracy import finals, mean_final
 from tests.synthetic import tiny_benchmark
 
 
@@ -173,4 +173,4 @@ def test_replay_2000_on_sfm5():
 def test_compressed_replay_in_the_bytes_of_500_samples_beats_replay_500():
     part = {"plugins": [{"name": "replay", "memory_bytes": 500 * (784 * 4 + 16), "compress": "uint8"}]}
     assert mean_final(part) > mean_final(REPLAY)
-    assert all(r["final_accuracy"] > 0.79 for r in protocol_runs(part))
+    assert all(f > 0.79 for f in finals(part))
