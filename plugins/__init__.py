@@ -17,6 +17,7 @@ from streamcl.plugins.less_forget import LessForget
 from streamcl.plugins.margin_ranking import MarginRanking
 from streamcl.plugins.mas import MAS
 from streamcl.plugins.mir import MIR
+from streamcl.plugins.multi_head import MultiHead
 from streamcl.plugins.nme import NMEClassifier
 from streamcl.plugins.progress_compress import ProgressCompress
 from streamcl.plugins.replay import Replay
@@ -25,5 +26,5 @@ from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
 __all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "DER", "DarkReplay", "Distill", "ERACE", "EWC",
-           "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
+           "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking", "MultiHead",
            "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask", "WA"]

@@ -82,6 +82,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [
                build_plugin("replay", memory=memory), build_plugin("cosine_head"),
                build_plugin("less_forget", lambda_base=lambda_base), build_plugin("margin_ranking", margin=margin, k=k)]),
+    Recipe("multihead", "fine-tuning with one output head per task, chosen by the sample's task label (multi-head naive)",
+           lambda: [build_plugin("multi_head")]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",

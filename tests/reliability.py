@@ -27,6 +27,10 @@ def plugin_part(name: str) -> dict:
 # on one plugin, STREAMCL_TEST_UNITS=plugin:ewc,method:ewc limits the generic tests (and torchrun's worker) to those
 UNITS = [(f"plugin:{n}", plugin_part(n)) for n in BUILTIN_PLUGINS] + \
         [(f"method:{n}", {"method": {"name": n}}) for n in RECIPE_NAMES]
+# units whose technique is about task labels (a head per task, a model per task) run again on the task-incremental
+# tiny stream (every experience its own task label, at training and test time), labelled "<unit>:task"
+TASK_UNITS = ("plugin:multi_head", "plugin:ensemble", "method:multihead", "method:ensemble")
+UNITS += [(f"{label}:task", {**part, "benchmark": {"scenario": "task"}}) for label, part in UNITS if label in TASK_UNITS]
 if os.environ.get("STREAMCL_TEST_UNITS"):
     UNITS = [u for u in UNITS if u[0] in os.environ["STREAMCL_TEST_UNITS"].split(",")]
 
@@ -42,14 +46,17 @@ def tiny_config(part: dict, checkpoint_every: int = 3, seed: int = 0) -> dict:
                          "log": {"tensorboard": False, "console": False}, **part})
 
 
-def tiny_benchmark(n_experiences: int = 3):
-    """Experiences of 2 classes, 40 training samples each: 3 steps an epoch at batch 16."""
+def tiny_benchmark(n_experiences: int = 3, task_labels: bool = False):
+    """Experiences of 2 classes, 40 training samples each: 3 steps an epoch at batch 16 (``task_labels``:
+    experience i is task i, at training and test time)."""
     n = 2 * n_experiences
-    return class_incremental(blobs(n_classes=n), blobs(10, n, seed=1), n_experiences)
+    return class_incremental(blobs(n_classes=n), blobs(10, n, seed=1), n_experiences, task_labels=task_labels)
 
 
 def tiny_run(part: dict, out=None, resume: bool = False, n_experiences: int = 3, **kwargs) -> dict:
-    return runner.run(tiny_config(part, **kwargs), out, resume=resume, benchmark=tiny_benchmark(n_experiences))
+    task = part.get("benchmark", {}).get("scenario") == "task"
+    return runner.run(tiny_config(part, **kwargs), out, resume=resume,
+                      benchmark=tiny_benchmark(n_experiences, task_labels=task))
 
 
 def crash_at_step(monkeypatch, step: int) -> None:
