@@ -6,6 +6,7 @@ from streamcl.plugins.cosine_head import CosineHead
 from streamcl.plugins.cumulative import Cumulative
 from streamcl.plugins.der import DER
 from streamcl.plugins.dark_replay import DarkReplay
+from streamcl.plugins.ensemble import Ensemble
 from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.er_ace import ERACE
 from streamcl.plugins.ewc import EWC
@@ -25,6 +26,6 @@ from streamcl.plugins.si import SI
 from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
-__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "DER", "DarkReplay", "Distill", "ERACE", "EWC",
+__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
            "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking", "MultiHead",
            "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask", "WA"]

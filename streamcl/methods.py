@@ -84,6 +84,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                build_plugin("less_forget", lambda_base=lambda_base), build_plugin("margin_ranking", margin=margin, k=k)]),
     Recipe("multihead", "fine-tuning with one output head per task, chosen by the sample's task label (multi-head naive)",
            lambda: [build_plugin("multi_head")]),
+    Recipe("ensemble", "one independent copy of the initial model per experience; the task's member predicts "
+           "(class-incremental: every member's log-softmax over its own classes, pooled)",
+           lambda: [build_plugin("ensemble")]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",
