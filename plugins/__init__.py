@@ -4,6 +4,7 @@ from streamcl.plugins.bias_correction import BiasCorrection
 from streamcl.plugins.coil import COIL
 from streamcl.plugins.cosine_head import CosineHead
 from streamcl.plugins.cumulative import Cumulative
+from streamcl.plugins.cwr import CWR, CWRStar
 from streamcl.plugins.der import DER
 from streamcl.plugins.dark_replay import DarkReplay
 from streamcl.plugins.ensemble import Ensemble
@@ -26,6 +27,6 @@ from streamcl.plugins.si import SI
 from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
-__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
+__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "CWR", "CWRStar", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
            "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking", "MultiHead",
            "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask", "WA"]

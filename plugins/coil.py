@@ -68,7 +68,7 @@ class COIL(Plugin):
     head's rows as those of a plain linear layer over the features.
     """
 
-    owns = frozenset({"architecture"})
+    owns = frozenset({"architecture", "head_rows"})
     needs = frozenset({"memory"})
     requires = frozenset({"head"})
 

@@ -136,7 +136,7 @@ class CosineHead(Plugin):
     nearest-mean rule predicts at evaluation.
     """
 
-    owns = frozenset({"classifier_head", "architecture"})
+    owns = frozenset({"classifier_head", "architecture", "head_rows"})
     requires = frozenset({"head"})
 
     def __init__(self, scale: float = 1.0, learn_scale: bool = True, imprint: bool = True,

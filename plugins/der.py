@@ -349,7 +349,7 @@ class DER(Plugin):
     ``architecture``: it replaces the model, as HyperNetwork, ProgressCompress and LatentReplay do.
     """
 
-    owns = frozenset({"architecture"})
+    owns = frozenset({"architecture", "head_rows"})
     requires = frozenset({"head"})
 
     def __init__(self, aux_weight: float = 1.0, sparsity_weight: float = 1.0, s_max: float = 400.0,

@@ -280,7 +280,7 @@ class HyperNetwork(Plugin):
     progress & compress) cannot run on the generated network.
     """
 
-    owns = frozenset({"architecture"})
+    owns = frozenset({"architecture", "head_rows"})
 
     def __init__(self, beta: float = 1.0, task_dim: int = 96, chunk_dim: int = 96, chunk_size: int = 8000,
                  hidden: Sequence[int] = (10, 10), hidden_lr: float = 0.01):

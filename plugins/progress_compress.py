@@ -288,7 +288,8 @@ class ProgressCompress(Plugin):
     samples give the same accuracy: SFM-5-TIL lambda_ 1000, 0.984 both).
     """
 
-    owns = frozenset({"architecture"})  # it replaces the model, as hypernetwork and latent_replay restructure it
+    # it replaces the model, as hypernetwork and latent_replay restructure it, and with it the head's rows
+    owns = frozenset({"architecture", "head_rows"})
     requires = frozenset({"head"})
 
     def __init__(self, lambda_: float = 100.0, gamma: float = 1.0, alpha: float = 0.1,

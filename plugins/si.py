@@ -55,13 +55,20 @@ class SI(Plugin):
     mean of seeds 0-2: ``c = 1`` gives PFM-5 0.785 and SFM-5-TIL 0.960, ``c = 2`` 0.786 and 0.969,
     ``c = 3`` 0.783 and 0.973 (Naive 0.75 and 0.91).
     It owns the role ``si_penalty``: a second SI in one strategy is refused.
+
+    ``head=False`` leaves the classifier head (``strategy.head``) out of the path integral and the penalty: AR1
+    (Maltoni & Lomonaco 2019, Sec. 4.3) regularises only the shared layers and gives the head to CWR*, whose rows are
+    reset before each experience (the ``ar1`` recipe; the authors' code skips its output layer the same way).
     """
 
     term = "si"
     owns = frozenset({"si_penalty"})
 
-    def __init__(self, c: float = 2.0, xi: float = 1e-3):
+    def __init__(self, c: float = 2.0, xi: float = 1e-3, head: bool = True):
         self.c, self.xi = _weight("c", c, False), _weight("xi", xi, True)
+        if not isinstance(head, bool):
+            raise ConfigError(f"SI head={head!r}: true (the classifier head is regularised too) or false (left out)")
+        self.head = head
         self.importance: dict[str, Tensor] = {}  # Omega: sum over experiences of omega / (Delta^2 + xi)
         self.omega: dict[str, Tensor] | None = None  # running path integral of the current experience
         self.start: dict[str, Tensor] | None = None  # parameters at its start
@@ -69,10 +76,17 @@ class SI(Plugin):
         self._grad: dict[str, Tensor] = {}  # this step's gradient (read after backward, used after the update)
         self._before: dict[str, Tensor] = {}  # this step's parameters before the update
 
+    @hookimpl
+    def setup(self, strategy) -> None:
+        if not self.head:
+            strategy.require_head("a classifier head to leave out (head=False)", self)
+
     # ------------------------------------------------------------------------------ path integral
     @hookimpl
     def before_training_exp(self, strategy) -> None:
-        self.start = {n: p.clone() for n, p in trainable(strategy.model).items()}
+        skip = set() if self.head else {id(p) for p in strategy.head.parameters()}
+        params = dict(strategy.model.named_parameters())
+        self.start = {n: p.clone() for n, p in trainable(strategy.model).items() if id(params[n]) not in skip}
         self.omega = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
     @hookimpl

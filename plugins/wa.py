@@ -63,7 +63,7 @@ class WA(Plugin):
     beside it.
     """
 
-    owns = frozenset({"architecture"})
+    owns = frozenset({"architecture", "head_rows"})
     requires = frozenset({"head"})
 
     def __init__(self, clip: bool = True):

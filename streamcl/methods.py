@@ -97,6 +97,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, epochs=128: [build_plugin("gdumb", memory=memory, epochs=epochs)]),
     Recipe("latent_replay", "replay of first-hidden-layer activations; the layers below frozen after the first experience",
            lambda memory=500: [build_plugin("latent_replay", memory=memory)]),
+    Recipe("cwr", "copy weights with re-init: the head's rows re-initialised before each experience, the experience's "
+           "classes copied into consolidated rows after it; evaluation on those; the layers below frozen after the first",
+           lambda lower_lr=0.0, lower_from=1, init="random": [
+               build_plugin("cwr", lower_lr=lower_lr, lower_from=lower_from, init=init)]),
+    Recipe("cwr_star", "CWR*: the experience's head rows start from their consolidated values, then are mean-shifted and "
+           "averaged into them weighted by sqrt(past/current samples); the layers below frozen after the first experience",
+           lambda lower_lr=0.0, lower_from=1: [build_plugin("cwr_star", lower_lr=lower_lr, lower_from=lower_from)]),
+    Recipe("ar1", "AR1* with latent replay: CWR* on the head, SI on the shared layers between the latent layer and the "
+           "head, the layers below the latent layer frozen (lower_lr=0) or slowed after the first experience",
+           lambda memory=500, c=2.0, lower_lr=0.0, **options: [
+               build_plugin("si", c=c, head=False),
+               build_plugin("latent_replay", memory=memory, lower_lr=lower_lr, **options),
+               build_plugin("cwr_star", lower_lr=None)]),
 )}
 
 
