@@ -57,8 +57,8 @@ class CWRStar(Plugin):
           past_j += cur_j
 
     * evaluation uses ``cw`` (line 15): after each experience every row of the head is set to ``cw`` (0 for a class
-      never consolidated, as ``cw`` starts at 0). An evaluation in the middle of an experience (``eval_every``) also
-      sees ``cw`` (as consolidated so far) and training resumes on ``tw``.
+      never consolidated, as ``cw`` starts at 0). An evaluation in the middle of an experience (``eval_every``) sees
+      the ``cw`` a consolidation would give at that point, and training resumes on ``tw``.
 
     ``w_past = sqrt(past / cur)`` is the paper's and its code's (a count-weighted mean would use ``past / cur``, which
     the code leaves commented out); a class-incremental stream never repeats a class, so there ``cw[j] = tw[j] - avg``.
@@ -184,10 +184,15 @@ class CWRStar(Plugin):
     # ------------------------------------------------------------------------------ evaluation inside training
     @hookimpl
     def before_eval(self, strategy) -> None:
+        """Inside an experience (``eval_every``): evaluate the rows the consolidation would give if the experience
+        ended now; ``tw`` is put back after the evaluation."""
         if self.in_experience and self._stash is None:
             weight, bias = self._rows(strategy)
             self._stash = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+            kept = dict(self.weights), dict(self.biases), dict(self.past)
+            self.update(strategy)
             self._write_cw(strategy)
+            self.weights, self.biases, self.past = kept
 
     @hookimpl
     def after_eval(self, strategy) -> None:
