@@ -23,7 +23,7 @@ from streamcl.methods import RECIPES
 REFERENCE = {
     "SFM-5": {"naive": 0.199, "joint": 0.860, "cumulative": 0.870, "replay": 0.784, "replay:memory=2000": 0.817,
               "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787, "gem": 0.742, "bic": 0.773,
-              "ewc": 0.199, "si": 0.199, "lwf": 0.199},
+              "ewc": 0.199, "si": 0.199, "lwf": 0.199, "cwr_star": 0.437},
     "SFM-5-TIL": {"naive": 0.936, "replay": 0.988, "ewc:lambda_=1000": 0.972, "lwf": 0.989, "mas": 0.988, "gem": 0.988,
                   "agem": 0.988},
     "PFM-5": {"naive": 0.734, "joint": 0.817, "replay": 0.792, "ewc": 0.774, "online_ewc": 0.781, "lwf": 0.749,
@@ -42,7 +42,7 @@ COMPRESSED = 'replay:memory_bytes=1576000,compress="uint8"'
 DEFAULT_METHODS = {  # SFM-5: every class-incremental recipe (exemplar-free ones sit at Naive's 0.199 there)
     "SFM-5": [*(n for n, r in RECIPES.items() if n not in ("lwf", "ewc", "online_ewc", "si", "mas", "hypernetwork",
                                                            "progress_compress")),
-              "replay:memory=2000", COMPRESSED],
+              "replay:memory=2000", COMPRESSED, "cwr:lower_from=0", "cwr_star:lower_from=0"],
     "SFM-5-TIL": [*(n for n in RECIPES if n not in ("ewc", "progress_compress")), "ewc:lambda_=1000",
                   "progress_compress:lambda_=1000"],  # every recipe; EWC and P&C at the task-incremental lambda
     "PFM-5": ["naive", "joint", "replay", "lwf", "ewc", "online_ewc", "si", "mas", "gem", "agem"],
