@@ -203,6 +203,10 @@ class Ensemble(Plugin):
     by no member (class-incremental); the model's own output keeps 0 there. ``parameters_per_experience`` holds
     the model's parameter count after each experience (a member's is the user's model's).
 
+    Measured (seeds 0-2): SFM-5-TIL 0.990, no forgetting, 269,322 parameters per task; SFM-5 0.388 (Naive 0.199):
+    each member is sure of one of its two classes for any input, so other experiences' samples go to the most
+    confident member (docs/methods.md, with the combinations tried).
+
     It owns the roles ``task_head`` (it makes the task-incremental prediction itself), ``classifier_head``,
     ``head_rows`` and ``architecture`` (it rebuilds the model around its head), so plugins that replace or rescale
     the head or restructure the model are refused beside it. It requires no head.
