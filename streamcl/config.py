@@ -26,6 +26,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "name": (_STR, "split-fmnist"), "scenario": (_STR, "class"), "n_experiences": (_INT, 5),
         "class_order": (_INTS, None), "classes_per_exp": (_INT, None), "first_exp_classes": (_INT, None),
         "class_seed": (_INT, None), "root": (_STR, None),
+        "task_labels": (_BOOL, False),
     },
     "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False)},
     "train": {
@@ -55,6 +56,8 @@ PROTOCOLS = {
     "SFM-5": {},
     "SFM-5-TIL": {"benchmark": {"scenario": "task"}},
     "PFM-5": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain"}},
+    # PFM-5 with experience k given task label k at train and test time (methods that need the task label)
+    "PFM-5-TL": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain", "task_labels": True}},
 }
 
 
@@ -115,6 +118,9 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
     if bench["scenario"] not in SCENARIOS[bench["name"]]:
         raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
                           f"'{bench['name']}'; it takes: {', '.join(SCENARIOS[bench['name']])}")
+    if bench.get("task_labels") and bench["name"] != "permuted-fmnist":
+        raise ConfigError("benchmark.task_labels = true gives the permuted stream's experiences task labels; "
+                          f"for {bench['name']} use benchmark.scenario = 'task'")
     return cfg
 
 

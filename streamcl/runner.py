@@ -116,7 +116,7 @@ def build_benchmark(cfg: dict) -> Benchmark:
     train, test = fashion_mnist(b.get("root"))
     if b["name"] == "permuted-fmnist":
         check_permuted(train, test, b["n_experiences"])
-        return domain_incremental(train, test, b["n_experiences"])
+        return domain_incremental(train, test, b["n_experiences"], task_labels=b["task_labels"])
     return class_incremental(train, test, b["n_experiences"], class_order=b.get("class_order"),
                              seed=b.get("class_seed"), classes_per_exp=b.get("classes_per_exp"),
                              first_exp_classes=b.get("first_exp_classes"), task_labels=b["scenario"] == "task")

@@ -57,6 +57,16 @@ def test_domain_incremental_permutes_disjoint_chunks():
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(1))
     assert torch.equal(e1.x, data.x[20:40][:, perm]) and torch.equal(e1.y, data.y[20:40])
     assert bench.train_stream[2].classes == (0, 1, 2) and bench.scenario == "domain"
+    assert all(e.task is None for e in bench.train_stream) and int(e1.t.abs().sum()) == 0
+
+
+def test_domain_incremental_with_task_labels_gives_experience_k_task_k():
+    data = TensorData(torch.arange(60 * 6, dtype=torch.float32).reshape(60, 6), torch.arange(60) % 3)
+    bench = domain_incremental(data, data, 3, task_labels=True)
+    for stream in (bench.train_stream, bench.test_stream):
+        assert [e.task for e in stream] == [0, 1, 2]
+        assert [sorted(set(e.dataset.t.tolist())) for e in stream] == [[0], [1], [2]]
+    assert torch.equal(data.t, torch.zeros(60, dtype=torch.long))  # the source keeps its labels
 
 
 class ListDataset(Dataset):

@@ -87,12 +87,14 @@ def pixel_permutation(k: int, n_features: int) -> Tensor | None:
 
 def domain_incremental(train, test, n_experiences: int,
                        transform: Callable[[int, Tensor], Tensor] | None = None,
-                       split: bool = True) -> Benchmark:
+                       split: bool = True, task_labels: bool = False) -> Benchmark:
     """Same classes, new input distribution: experience k applies ``transform(k, x)`` to its inputs.
 
     ``transform`` defaults to the fixed pixel permutation of :func:`pixel_permutation`. With
     ``split`` experience k holds the k-th disjoint chunk of the data in dataset order (PFM-5);
-    otherwise every experience holds all of it. Needs tensor data (``TensorData`` or ``(x, y)``).
+    otherwise every experience holds all of it. With ``task_labels`` experience k is task k at train and
+    test time (the setting of methods that need the task label, e.g. PackNet and HAT on permuted data).
+    Needs tensor data (``TensorData`` or ``(x, y)``).
     """
     train, test = as_dataset(train), as_dataset(test)
     if not isinstance(train, TensorData) or not isinstance(test, TensorData):
@@ -112,7 +114,9 @@ def domain_incremental(train, test, n_experiences: int,
             index = torch.arange(lo, lo + size)
             part = data.subset(index)
             part.x = transform(k, part.x)
-            out.append((part, tuple(sorted(set(part.y.tolist()))), None))
+            if task_labels:
+                part.t = torch.full_like(part.t, k)
+            out.append((part, tuple(sorted(set(part.y.tolist()))), k if task_labels else None))
         return out
 
     return Benchmark(make_stream(parts(train), n_classes, "train"), make_stream(parts(test), n_classes, "test"),
