@@ -87,6 +87,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ensemble", "one independent copy of the initial model per experience; the task's member predicts "
            "(class-incremental: every member's log-softmax over its own classes, pooled)",
            lambda: [build_plugin("ensemble")]),
+    Recipe("hat", "hard attention to the task: per-task unit masks sigmoid(s e), s annealed within each epoch; "
+           "gradients to units earlier tasks use blocked, an attention regulariser keeps masks sparse",
+           lambda s_max=400.0, c=0.75, clipgrad=None: [build_plugin("hat", s_max=s_max, c=c, clipgrad=clipgrad)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",
