@@ -8,66 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from streamcl import Plugin, hookimpl
+from streamcl import Plugin, columns, hookimpl
 from streamcl.batch import Batch
+from streamcl.columns import PASSIVE, HeadLateral, Lateral, reinitialise  # noqa: F401 (PASSIVE: re-exported)
 from streamcl.errors import ConfigError
-from streamcl.models.heads import IncrementalLinear
-from streamcl.models.nets import module_chain
 from streamcl.parts import grown_linear, replace_module
 from streamcl.plugins.ewc import EWC
 from streamcl.scenarios import as_batch
-
-# modules a backbone may hold: parameter-free ones, and the linear layers the laterals join
-PASSIVE = (nn.Flatten, nn.ReLU, nn.Dropout, nn.Identity)
-
-
-def _uniform_(tensor: Tensor, fan_in: int, generator: torch.Generator) -> None:
-    """``nn.Linear``'s default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from ``generator``."""
-    bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
-    with torch.no_grad():
-        sample = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * 2 * bound - bound
-        tensor.copy_(sample.to(tensor.device))
-
-
-def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, IncrementalLinear)):
-            _uniform_(m.weight, m.in_features, generator)
-            if m.bias is not None:
-                _uniform_(m.bias, m.in_features, generator)
-
-
-class Lateral(nn.Module):
-    """A lateral adaptor, the term ``alpha * U relu(V h + c)`` of P&C's eq. 1 (the non-linear adapters of
-    Rusu et al. 2016, Sec. 2), with ``h`` the knowledge base's activation, ``alpha`` a learned vector (one
-    entry per output unit, initialised to a constant) and no bias on ``U``."""
-
-    def __init__(self, in_features: int, width: int, out_features: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.alpha_init = alpha
-        self.V = nn.Linear(in_features, width)
-        self.U = nn.Parameter(torch.empty(out_features, width))
-        self.alpha = nn.Parameter(torch.full((out_features,), float(alpha)))
-        _reinitialise(self.V, generator)
-        _uniform_(self.U, width, generator)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.alpha * F.linear(F.relu(self.V(h)), self.U)
-
-
-class HeadLateral(Lateral):
-    """The lateral into a head that grows (:class:`IncrementalLinear`): new classes get zero rows of ``U``
-    (no lateral input until trained) and ``alpha`` at its initial value."""
-
-    @torch.no_grad()
-    def grow_to(self, n: int) -> bool:
-        old = self.U.shape[0]
-        if n <= old:
-            return False
-        self.U = nn.Parameter(torch.cat([self.U, self.U.new_zeros(n - old, self.U.shape[1])]))
-        self.alpha = nn.Parameter(torch.cat([self.alpha, self.alpha.new_full((n - old,), self.alpha_init)]))
-        return True
-
 
 class ActiveHead(nn.Module):
     """The active column's head with its lateral adaptor: ``head(a) + lateral(h)`` for the column's features
@@ -91,57 +38,13 @@ class ActiveHead(nn.Module):
 
 
 def check_model(model: nn.Module, head_path: str | None) -> list[str]:
-    """The paths of ``model``'s chain of modules (its children, ``nn.Sequential`` opened), the classifier head
-    at ``head_path`` last; refuses, naming what is missing, a model whose layers P&C cannot wire."""
-    name = type(model).__name__
-    chain = module_chain(model)
-    paths = [p for p, _ in chain]
-    if head_path not in paths:
-        raise ConfigError(f"progress_compress rebuilds the forward pass from the model's chain of modules (its "
-                          f"children, nn.Sequential opened: {', '.join(paths[:12])}), and {name}'s classifier head "
-                          f"({head_path!r}) is not one of them")
-    at = paths.index(head_path)
-    if at != len(paths) - 1:
-        raise ConfigError(f"progress_compress: {name} has modules after its classifier head {head_path!r} "
-                          f"({', '.join(paths[at + 1:])}); the head must come last, its output the logits")
-    bad = [(p, m) for p, m in chain[:at] if not isinstance(m, (nn.Linear, *PASSIVE))]
-    if bad:
-        raise ConfigError(f"progress_compress wires lateral adaptors between fully connected layers only: the "
-                          f"modules before the head may be Linear, ReLU, Flatten, Dropout and Identity, and {name} "
-                          f"holds {type(bad[0][1]).__name__} at {bad[0][0]!r} (use an MLP: model.name = \"mlp\")")
-    weight = getattr(chain[at][1], "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ConfigError(f"progress_compress: {name}'s classifier head {head_path!r} "
-                          f"({type(chain[at][1]).__name__}) has no weight matrix to join a lateral adaptor to")
-    if not any(isinstance(m, nn.Linear) for _, m in chain[:at]):
-        raise ConfigError(f"progress_compress needs at least one hidden Linear layer before {name}'s classifier "
-                          "head: the laterals read the knowledge base's hidden activations")
-    return paths
+    """The model's chain of module paths, the head last (:func:`streamcl.columns.check_model`)."""
+    return columns.check_model(model, head_path, "progress_compress")
 
 
-@torch.no_grad()
 def check_forward(model: nn.Module, paths: list[str]) -> None:
-    """Refuse ``model`` if its forward is not its chain ``paths`` applied in turn (on a fixed random input): P&C
-    rebuilds the forward from the chain."""
-    modules = [model.get_submodule(p) for p in paths]
-    first = next(m for m in modules if isinstance(m, nn.Linear))
-    x = torch.randn(2, first.in_features, generator=torch.Generator().manual_seed(0)).to(first.weight)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(x)
-        h = x
-        for m in modules:
-            h = m(h)
-        same = isinstance(out, Tensor) and out.shape == h.shape and torch.allclose(out, h, rtol=1e-5, atol=1e-6)
-    except (RuntimeError, ValueError, TypeError, IndexError):
-        same = False
-    finally:
-        model.train(was_training)
-    if not same:
-        raise ConfigError(f"progress_compress: {type(model).__name__}'s forward is not its modules "
-                          f"({', '.join(paths)}) applied in turn (checked on a random input), and P&C rebuilds the "
-                          "forward from them to add the lateral adaptors")
+    """Refuse a model whose forward is not its chain (:func:`streamcl.columns.check_forward`)."""
+    columns.check_forward(model, paths, "progress_compress")
 
 
 class ProgressCompressNet(nn.Module):
@@ -170,7 +73,7 @@ class ProgressCompressNet(nn.Module):
         ac = copy.deepcopy(self.kb)
         for p in ac.parameters():
             p.requires_grad_(True)
-        _reinitialise(ac, generator)
+        reinitialise(ac, generator)
         laterals = []
         for path in [*self.linear[1:], self.head_path]:
             target = self.kb.get_submodule(path)
