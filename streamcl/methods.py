@@ -46,6 +46,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("progress_compress", "progress & compress: an active column with lateral adaptors from the knowledge base, "
            "distilled into it under online EWC", lambda lambda_=100.0, gamma=1.0, **options: [
                build_plugin("progress_compress", lambda_=lambda_, gamma=gamma, **options)]),
+    Recipe("pnn", "progressive neural networks: a new column per task with lateral adaptors from every earlier frozen "
+           "column; each sample predicted by its task's column", lambda alpha=0.1, adaptor_width=None: [
+               build_plugin("progressive_networks", alpha=alpha, adaptor_width=adaptor_width)]),
     Recipe("si", "synaptic intelligence: per-parameter path integral of gradient x update; quadratic pull to the last "
            "experience's weights", lambda c=2.0, xi=1e-3: [build_plugin("si", c=c, xi=xi)]),
     Recipe("mas", "memory aware synapses: importance from the gradient of the output's squared L2 norm (no labels); "

@@ -30,7 +30,8 @@ UNITS = [(f"plugin:{n}", plugin_part(n)) for n in BUILTIN_PLUGINS] + \
 # units whose technique is about task labels (a head per task label) run again on the task-incremental tiny stream
 # (every experience its own task label, at training and test time), labelled "<unit>:task" (the ensemble makes a
 # member per experience with or without task labels, so its class-incremental runs already hold several)
-TASK_UNITS = ("plugin:multi_head", "method:multihead", "plugin:hat", "method:hat")
+TASK_UNITS = ("plugin:multi_head", "method:multihead", "plugin:progressive_networks", "method:pnn", "plugin:hat",
+              "method:hat")
 UNITS += [(f"{label}:task", {**part, "benchmark": {"scenario": "task"}}) for label, part in UNITS if label in TASK_UNITS]
 if os.environ.get("STREAMCL_TEST_UNITS"):
     UNITS = [u for u in UNITS if u[0] in os.environ["STREAMCL_TEST_UNITS"].split(",")]
