@@ -12,8 +12,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from streamcl import Batch, ConfigError, Plugin, hookimpl
-from streamcl.parts import capture_input, replace_module
+from streamcl.parts import replace_module
 from streamcl.penalty import stability_limit
+from streamcl.task_weights import call_per_task
 
 POWER_ITERATIONS = 20
 
@@ -41,8 +42,8 @@ class HyperNetModel(nn.Module):
 
     ``head`` is the target's classifier head (at ``head_path`` in ``target``, as the engine found it), so the
     engine reads the features, the head's input, as on the target itself. A batch that mixes task labels runs
-    the target once per task; the head is then called once more, on every row's features (its output thrown
-    away), so that the engine's hook, which keeps the head's latest input, sees all of them.
+    the target once per task (:func:`streamcl.task_weights.call_per_task`, which shows the engine every row's
+    features).
     """
 
     def __init__(self, target: nn.Module, task_dim: int, chunk_dim: int, chunk_size: int,
@@ -151,29 +152,7 @@ class HyperNetModel(nn.Module):
             table = torch.stack(list(self.task_embeddings))
             emb = table[task_labels.reshape(1).clamp(0, last)]
             return self._run(x, self.unflatten(self.generate(emb)[0]))
-        tasks = task_labels.clamp(0, last)
-        present = torch.unique(tasks).tolist()
-        if len(present) == 1:
-            return self._run(x, self.task_weights(present[0]))
-        head, logits, features = self.head, None, None
-        for task in present:
-            where = torch.nonzero(tasks == task).squeeze(1)
-            weights = self.task_weights(task)
-            if head is None:
-                z = self._run(x[where], weights)
-            else:
-                with capture_input(head) as box:
-                    z = self._run(x[where], weights)
-                f = box[0]
-                features = f.new_zeros(x.shape[0], *f.shape[1:]) if features is None else features
-                features = features.index_put((where,), f)
-            logits = z.new_zeros(x.shape[0], *z.shape[1:]) if logits is None else logits
-            logits = logits.index_put((where,), z)
-        if head is not None:  # once more on every row's features, for the engine's hook (output unused)
-            prefix = self.head_path + "."
-            functional_call(head, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
-                            (features,))
-        return logits
+        return call_per_task(self.target, x, task_labels.clamp(0, last), self.task_weights, self.head_path)
 
 
 def regulariser_curvature(model: HyperNetModel, tasks: list[int], limits: dict[int, float],
