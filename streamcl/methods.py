@@ -90,9 +90,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ensemble", "one independent copy of the initial model per experience; the task's member predicts "
            "(class-incremental: every member's log-softmax over its own classes, pooled)",
            lambda: [build_plugin("ensemble")]),
+    Recipe("packnet", "PackNet: after each task the smallest half of its free weights pruned, the rest retrained briefly "
+           "and frozen; task t runs with the weights of tasks <= t",
+           lambda prune=0.5, retrain_epochs=1: [build_plugin("packnet", prune=prune, retrain_epochs=retrain_epochs)]),
     Recipe("hat", "hard attention to the task: per-task unit masks sigmoid(s e), s annealed within each epoch; "
            "gradients to units earlier tasks use blocked, an attention regulariser keeps masks sparse",
            lambda s_max=400.0, c=0.75, clipgrad=None: [build_plugin("hat", s_max=s_max, c=c, clipgrad=clipgrad)]),
+    Recipe("piggyback", "Piggyback: the first task trains the network, fixed after it; every later task learns a binary "
+           "mask over its weights (straight-through scores)",
+           lambda mask_lr=10.0, **options: [build_plugin("piggyback", mask_lr=mask_lr, **options)]),
+    Recipe("supsup", "supermasks in superposition: fixed random signed weights, one learned top-k supermask per task; "
+           "without task labels the task is inferred by the one-shot entropy gradient over the masks' superposition",
+           lambda density=0.5, scores_lr=10.0, infer="sample": [
+               build_plugin("supsup", density=density, scores_lr=scores_lr, infer=infer)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",
