@@ -90,9 +90,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ensemble", "one independent copy of the initial model per experience; the task's member predicts "
            "(class-incremental: every member's log-softmax over its own classes, pooled)",
            lambda: [build_plugin("ensemble")]),
-    Recipe("packnet", "PackNet: after each task the smallest half of its free weights pruned, the rest retrained briefly "
-           "and frozen; task t runs with the weights of tasks <= t",
-           lambda prune=0.5, retrain_epochs=1: [build_plugin("packnet", prune=prune, retrain_epochs=retrain_epochs)]),
+    Recipe("packnet", "PackNet: after each task the smallest 75% of its free weights pruned, the rest retrained "
+           "briefly and frozen; task t runs with the weights of tasks <= t",
+           lambda prune=0.75, retrain_epochs=2: [build_plugin("packnet", prune=prune, retrain_epochs=retrain_epochs)]),
     Recipe("hat", "hard attention to the task: per-task unit masks sigmoid(s e), s annealed within each epoch; "
            "gradients to units earlier tasks use blocked, an attention regulariser keeps masks sparse",
            lambda s_max=400.0, c=0.75, clipgrad=None: [build_plugin("hat", s_max=s_max, c=c, clipgrad=clipgrad)]),
