@@ -77,6 +77,13 @@ class SupSupNet(TaskWeightsNet):
         of the softmax over every slot's classes. ``infer = "sample"``: each row's own entropy (forward-mode
         derivatives, one pass per slot); ``"batch"``: the minibatch's mean entropy, one slot for all its rows."""
         k = self.n_slots
+        if self.infer == "each":
+            h = []
+            for s in range(k):
+                own = self.classes[s].nonzero().squeeze(1)
+                logp = functional_call(self.model, self.weights_of(s), (x,), kwargs)[:, own].log_softmax(1)
+                h.append(-(logp.exp() * logp).sum(1))
+            return torch.stack(h, 1).argmin(1)
         masks = [[m.detach() for m in self.masks(s)] for s in range(k)]
         params = [p.detach() for p in self.params()]
         seen = self.classes.any(0).nonzero().squeeze(1)
@@ -140,7 +147,7 @@ class SupSup(Plugin):
             raise ConfigError(f"supsup density={density!r}: the share of each layer's weights a mask keeps, in (0, 1]")
         if isinstance(scores_lr, bool) or not isinstance(scores_lr, (int, float)) or not 0 < scores_lr < math.inf:
             raise ConfigError(f"supsup scores_lr={scores_lr!r}: the scores' learning rate, a finite number above 0")
-        if infer not in ("sample", "batch"):
+        if infer not in ("sample", "batch", "each"):
             raise ConfigError(f"supsup infer={infer!r}: 'sample' (each sample's task inferred on its own) or 'batch' "
                               "(one task per evaluation minibatch, the paper's setting)")
         self.density, self.scores_lr, self.infer = float(density), float(scores_lr), infer
