@@ -12,6 +12,14 @@ from streamcl.memory import Memory, check_room
 from streamcl.scenarios import as_batch
 
 
+def _weights(model) -> dict[str, Tensor]:
+    """What retraining from scratch resets: the parameters and the normalisation layers' statistics; the other
+    buffers (the task tables and owners of architecture plugins) keep describing the model as it is."""
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
+    params = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items() if k in params or k.rpartition(".")[0] in norms}
+
+
 class GDumb(Plugin):
     """GDumb (Prabhu et al. 2020, "GDumb: A Simple Approach that Questions Our Progress in Continual
     Learning", Alg. 1 sampler, Alg. 2 learner).
@@ -24,8 +32,8 @@ class GDumb(Plugin):
     a new class never gets in) is refused before the first experience trains.
 
     Learner (Alg. 2): at each evaluation that follows new data (``before_eval``), the model is reset to
-    the weights it had when training started (a copy of its ``state_dict`` taken at the first
-    ``before_training_exp``, fitted to the model's entries at each experience and at the reset: output units
+    the weights it had when training started (a copy of its parameters and normalisation statistics taken at the
+    first ``before_training_exp``, other buffers, such as an architecture plugin's task tables, left as they are; fitted to the model's entries at each experience and at the reset: output units
     added later by a growing head keep their fresh initialisation) and trained on the memory alone by
     ``strategy.fit`` (the engine's private loop: ``epochs`` epochs of ``batch_size``, default the strategy's,
     shuffled by ``strategy.generator``; a fresh optimizer of the strategy's kind, each parameter with its
@@ -77,7 +85,7 @@ class GDumb(Plugin):
     def before_training_exp(self, strategy) -> None:
         check_room(self.capacity, strategy.experience.n_classes, repr(self))  # k_c >= 1, or a class never gets in
         if self.initial is None:
-            self.initial = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+            self.initial = {k: v.detach().clone() for k, v in _weights(strategy.model).items()}
             return
         self._refresh(strategy.model)
 
@@ -85,7 +93,7 @@ class GDumb(Plugin):
         """Fit the saved initial weights to ``model``'s entries now: entries added since (a grown head, a new
         extractor) start from their fresh values, the leading part of a grown one from its saved values; entries
         that shrank (pruned units) take the model's values, and entries gone are dropped."""
-        now = model.state_dict()
+        now = _weights(model)
         self.initial = {k: v for k, v in self.initial.items() if k in now}
         for k, v in now.items():
             old = self.initial.get(k)
@@ -115,7 +123,7 @@ class GDumb(Plugin):
             return
         model = strategy.model
         self._refresh(model)  # a plugin may have reshaped the model since (DER prunes its newest extractor)
-        model.load_state_dict(self.initial)
+        model.load_state_dict(self.initial, strict=False)
         options = {k: v for k, v in (("lr", self.lr), ("momentum", self.momentum),
                                      ("weight_decay", self.weight_decay)) if v is not None}
 

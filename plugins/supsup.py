@@ -126,7 +126,8 @@ class SupSup(Plugin):
 
     * GG (task label given, e.g. SFM-5-TIL): a sample's task label picks its mask; prediction among its task's
       classes.
-    * GN (no task labels, e.g. SFM-5): each experience is a task; at evaluation the task is inferred by the one-shot
+    * GN (no task labels, e.g. SFM-5): each experience is a task (a training row runs with the mask of the newest
+      task holding its class, so replayed rows keep theirs); at evaluation the task is inferred by the one-shot
       rule of eq. 4: with the superposition ``W * sum_k alpha_k M_k`` at ``alpha_k = 1/K``, the task is
       ``argmin_k dH/d alpha_k``, ``H`` the entropy of the output over every task's classes. ``infer = "sample"``
       infers each sample's task on its own (a class-incremental prediction with no assumption on the test batch);
@@ -198,9 +199,28 @@ class SupSup(Plugin):
             return None
         return [{"params": list(model.scores[-1]), "lr": self.scores_lr, "weight_decay": 0.0}]
 
+    # ------------------------------------------------------------------------------ GN training: rows by their class
+    @hookimpl
+    def before_forward(self, strategy) -> None:
+        """Without task labels, a training row is routed to the newest task holding its class (replayed rows of
+        earlier experiences to theirs), so that its class is among its mask's outputs."""
+        model = strategy.model
+        if isinstance(model, SupSupNet) and model.infer_tasks and model.n_slots:
+            y = strategy.batch.y.to(model.classes.device)
+            n = model.classes.shape[1]
+            table = model.classes * torch.arange(1, model.n_slots + 1, device=y.device)[:, None]
+            owner = table.max(0).values - 1  # the newest slot holding each class, -1: none
+            slot = owner[y.clamp(0, n - 1)]
+            model.route = torch.where((y < n) & (slot >= 0), slot, model.n_slots - 1)
+
+    @hookimpl
+    def after_forward(self, strategy) -> None:
+        if isinstance(strategy.model, SupSupNet):
+            strategy.model.route = None
+
     # ------------------------------------------------------------------------------ prediction
     @hookimpl
-    def adapt_logits(self, strategy, logits: Tensor) -> Tensor | None:
+    def adapt_logits(self, strategy, logits: Tensor, batch) -> Tensor | None:
         model = strategy.model
         if not isinstance(model, SupSupNet) or model.last_slots is None or len(model.last_slots) != len(logits):
             return None
@@ -208,6 +228,9 @@ class SupSup(Plugin):
         allowed = table[model.last_slots.to(logits.device)][:, : logits.shape[1]]
         if allowed.shape[1] < logits.shape[1]:
             allowed = torch.cat([allowed, allowed.new_zeros(len(allowed), logits.shape[1] - allowed.shape[1])], 1)
+        if model.infer_tasks and model.training and strategy.is_training:  # a training row of an earlier task run
+            y = batch.y.to(logits.device).reshape(-1, 1)                  # by another plugin's forward (a memory
+            allowed = allowed.scatter(1, y.clamp(0, logits.shape[1] - 1), True)  # sample): its class is scored too
         return logits.masked_fill(~allowed, float("-inf"))
 
     @hookimpl

@@ -135,7 +135,7 @@ class TaskWeightsNet(nn.Module):
         slots = self.slot_rows(task_labels, x.shape[0], x.device)
         if x.shape[0] == 1:  # no data-dependent branch: safe under torch.func.vmap (per-sample gradients)
             table = [self.weights_of(s) for s in range(self.n_slots)]
-            weights = {k: torch.stack([w[k] for w in table])[slots[0]] for k in table[0]}
+            weights = {k: torch.stack([w[k] for w in table]).index_select(0, slots[:1])[0] for k in table[0]}
             return functional_call(self.model, weights, (x,), kwargs)
         return call_per_task(self.model, x, slots, self.weights_of, self.head_path, **kwargs)
 
