@@ -23,7 +23,7 @@ class PackNetNet(TaskWeightsNet):
         self.names = list(names)
         params = dict(model.named_parameters())
         for i, name in enumerate(self.names):
-            self.register_buffer(f"owner_{i}", torch.zeros(params[name].shape, dtype=torch.int16,
+            self.register_buffer(f"owner_{i}", torch.zeros(params[name].shape, dtype=torch.int32,
                                                            device=params[name].device))
         self.register_buffer("open", torch.full((), -1, dtype=torch.long))  # the slot in training, -1: none
 

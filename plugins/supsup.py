@@ -31,7 +31,7 @@ def top_fraction(scores: Tensor, density: float) -> Tensor:
 
 class SupSupNet(TaskWeightsNet):
     """The model with fixed weights ``W_i`` (``names``) and, per slot ``k``, scores ``scores[k][i]``: slot ``k`` runs
-    with ``W_i * top(scores[k][i])`` (straight-through to the scores). ``classes`` (a buffer, slot x class) holds
+    with ``W_i * top(scores[k][i])`` (straight-through to the scores). ``classes`` (slot x class, the buffer ``table``) holds
     each slot's classes. With ``infer`` set, an evaluation forward chooses each row's slot itself
     (:meth:`infer_slots`); ``last_slots`` keeps the slots the latest forward used."""
 
@@ -39,7 +39,7 @@ class SupSupNet(TaskWeightsNet):
         super().__init__(model, head_path)
         self.names, self.density, self.infer = list(names), float(density), infer
         self.scores = nn.ModuleList()
-        self.register_buffer("classes", torch.zeros(0, 0, dtype=torch.bool))
+        self.register_buffer("table", torch.zeros(0, 0, dtype=torch.uint8))  # uint8: gloo broadcasts no bool
         self.infer_tasks = False  # set by the plugin: the stream gives no task labels (GN)
         self.last_slots: Tensor | None = None
 
@@ -57,12 +57,17 @@ class SupSupNet(TaskWeightsNet):
             s = (torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 - 1) * bound
             scores.append(nn.Parameter(s.to(p.device)))
         self.scores.append(scores)
-        n = max(self.classes.shape[1], max(classes, default=-1) + 1)
-        table = torch.zeros(slot + 1, n, dtype=torch.bool, device=self.classes.device)
-        table[: self.classes.shape[0], : self.classes.shape[1]] = self.classes
-        table[slot, classes] = True
-        self.classes = table
+        n = max(self.table.shape[1], max(classes, default=-1) + 1)
+        table = torch.zeros(slot + 1, n, dtype=torch.uint8, device=self.table.device)
+        table[: self.table.shape[0], : self.table.shape[1]] = self.table
+        table[slot, classes] = 1
+        self.table = table
         return slot
+
+    @property
+    def classes(self) -> Tensor:
+        """``(slots, classes)``, boolean: the classes of each slot."""
+        return self.table.bool()
 
     def masks(self, slot: int) -> list[Tensor]:
         return [straight_through(top_fraction(s, self.density), s.abs()) for s in self.scores[slot]]

@@ -24,11 +24,11 @@ def packnet_strategy(model=None, plugins=None, **kwargs):
 
 def test_pruning_keeps_exactly_the_largest_free_weights_by_hand():
     w = torch.tensor([[0.5, -0.1, 3.0], [-2.0, 0.2, 0.05]])
-    owner = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.int16)  # 3.0 is packed: not a candidate
+    owner = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.int32)  # 3.0 is packed: not a candidate
     keep = prune_free(w, owner, 0.6)  # 5 free: round(3.0) = 3 smallest pruned (0.05, -0.1, 0.2)
     assert keep.tolist() == [[True, False, False], [True, False, False]]
     assert prune_free(w, owner, 0.0).tolist() == (owner == 0).tolist()
-    tie = prune_free(torch.tensor([1.0, -1.0, 1.0, 2.0]), torch.zeros(4, dtype=torch.int16), 0.5)
+    tie = prune_free(torch.tensor([1.0, -1.0, 1.0, 2.0]), torch.zeros(4, dtype=torch.int32), 0.5)
     assert tie.tolist() == [False, False, True, True]  # ties: the earlier pruned first
 
 
@@ -37,7 +37,7 @@ def test_task_t_runs_with_the_weights_of_tasks_up_to_t_only():
     net = PackNetNet(nn.Sequential(layer), head_path="0", names=["0.weight"])
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 10.0, 100.0]]))
-    net.owner_0.copy_(torch.tensor([[1, 2, 0]], dtype=torch.int16))  # task 0 owns w0, task 1 owns w1, w2 free
+    net.owner_0.copy_(torch.tensor([[1, 2, 0]], dtype=torch.int32))  # task 0 owns w0, task 1 owns w1, w2 free
     net.new_slot([0]), net.new_slot([1])
     x = torch.ones(2, 3)
     assert net(x, torch.tensor([0, 1])).flatten().tolist() == [1.0, 11.0]  # no row sees the free weight
