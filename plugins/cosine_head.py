@@ -11,7 +11,7 @@ from torch.utils.data import default_collate
 from streamcl import Plugin, hookimpl
 from streamcl.batch import Batch
 from streamcl.errors import ConfigError
-from streamcl.parts import replace_module
+from streamcl.parts import check_first, replace_module
 from streamcl.plugins.nme import class_means
 from streamcl.plugins.wa import head_rows
 from streamcl.scenarios import TensorData, as_batch
@@ -162,9 +162,7 @@ class CosineHead(Plugin):
         if isinstance(head, CosineLinear):
             self._grow(strategy, head, experience)
             return model
-        if model is not strategy.model:
-            raise ConfigError("cosine_head replaces the head of strategy.model, and a plugin before it in the list "
-                              "returned another model; list cosine_head first")
+        check_first(strategy, model, "cosine_head", "replaces the head of")
         if self.drop_last_relu:
             self.dropped_relu = final_relu(strategy, first_sample(experience.dataset))
             if self.dropped_relu is not None:

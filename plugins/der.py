@@ -15,7 +15,7 @@ from streamcl.batch import Batch
 from streamcl.errors import ConfigError
 from streamcl.masks import MaskedSequential, annealed_scale, find_units
 from streamcl.models.heads import IncrementalLinear
-from streamcl.parts import replace_module
+from streamcl.parts import model_as, replace_module
 
 
 def _uniform(shape: Sequence[int], fan_in: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -412,11 +412,7 @@ class DER(Plugin):
 
     @staticmethod
     def _net(strategy) -> DERNet:
-        model = strategy.model
-        if not isinstance(model, DERNet):
-            raise ConfigError("der: strategy.model is no longer DER's expandable network; list der after plugins "
-                              "that replace the model")
-        return model
+        return model_as(strategy, DERNet, "der", "DER's expandable network")
 
     # ------------------------------------------------------------------------------ masks and losses
     @hookimpl

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from streamcl import ConfigError, DataError, Plugin, hookimpl
 from streamcl.models.heads import grow_heads
-from streamcl.parts import grown_linear, replace_module
+from streamcl.parts import check_first, grown_linear, replace_module
 from streamcl.plugins.cosine_head import first_sample
 
 
@@ -223,9 +223,7 @@ class Ensemble(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if not isinstance(model, EnsembleNet):
-            if model is not strategy.model:
-                raise ConfigError("ensemble builds its members from strategy.model, and a plugin before it in the "
-                                  "list returned another model; list ensemble first")
+            check_first(strategy, model, "ensemble", "builds its members from")
             model = self._wrap(strategy, experience)
         else:
             self._add_member(strategy, model)

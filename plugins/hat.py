@@ -10,7 +10,7 @@ from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
 from streamcl.masks import (MaskedSequential, annealed_scale, attention_regulariser, condition_gradients_,
                             cumulative_masks, find_units, gradient_factors)
-from streamcl.parts import replace_module
+from streamcl.parts import model_as, replace_module
 from streamcl.plugins.multi_head import experience_tasks
 
 
@@ -128,10 +128,7 @@ class HAT(Plugin):
     # ------------------------------------------------------------------------------ the masks
     @staticmethod
     def _net(strategy) -> HATNet:
-        if not isinstance(strategy.model, HATNet):
-            raise ConfigError("hat: strategy.model is no longer HAT's masked network; list hat after plugins that "
-                              "replace the model")
-        return strategy.model
+        return model_as(strategy, HATNet, "hat", "HAT's masked network")
 
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:

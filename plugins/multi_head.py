@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from streamcl import ConfigError, Plugin, distributed as dist, hookimpl
+from streamcl.parts import check_first
 
 
 class TaskHead(nn.Linear):
@@ -231,9 +232,7 @@ class MultiHead(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if not isinstance(model, MultiHeadNet):
-            if model is not strategy.model:
-                raise ConfigError("multi_head replaces the head of strategy.model, and a plugin before it in the list "
-                                  "returned another model; list multi_head first")
+            check_first(strategy, model, "multi_head", "replaces the head of")
             head = strategy.head
             bias = isinstance(getattr(head, "bias", None), Tensor)
             heads = TaskHeads(strategy.feature_dim, head.out_features, bias=bias)

@@ -1,13 +1,11 @@
 """PackNet: after each task, prune the task's free weights by magnitude, retrain the rest briefly and freeze them."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from streamcl import ConfigError, Plugin, hookimpl
-from streamcl.batch import Batch
+from streamcl.parts import check_first, model_as
 from streamcl.scenarios import as_batch
 from streamcl.task_weights import TaskWeightsNet, earlier_classes, hold_rows, maskable
 
@@ -114,9 +112,7 @@ class PackNet(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if not isinstance(model, PackNetNet):
-            if model is not strategy.model:
-                raise ConfigError("packnet wraps strategy.model, and a plugin before it in the list returned another "
-                                  "model; list packnet first")
+            check_first(strategy, model, "packnet", "wraps")
             model = PackNetNet(model, strategy.head_path, maskable(model, "packnet"))
         model.fit_shapes()
         tasks = [0 if experience.task is None else int(experience.task)]
@@ -138,11 +134,7 @@ class PackNet(Plugin):
 
     @staticmethod
     def _net(strategy) -> PackNetNet:
-        model = strategy.model
-        if not isinstance(model, PackNetNet):
-            raise ConfigError("packnet: strategy.model is no longer the packed network; list packnet after plugins "
-                              "that replace the model")
-        return model
+        return model_as(strategy, PackNetNet, "packnet", "the packed network")
 
     # ------------------------------------------------------------------------------ fixed weights stay fixed
     @hookimpl

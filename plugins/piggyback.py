@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from streamcl import ConfigError, Plugin, hookimpl
+from streamcl.parts import check_first
 from streamcl.task_weights import TaskWeightsNet, hold_rows, maskable, straight_through
 
 
@@ -95,9 +96,7 @@ class Piggyback(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if not isinstance(model, PiggybackNet):
-            if model is not strategy.model:
-                raise ConfigError("piggyback wraps strategy.model, and a plugin before it in the list returned "
-                                  "another model; list piggyback first")
+            check_first(strategy, model, "piggyback", "wraps")
             model = PiggybackNet(model, strategy.head_path, maskable(model, "piggyback"), self.threshold)
         task = 0 if experience.task is None else int(experience.task)
         if task < 0:

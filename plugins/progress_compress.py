@@ -12,7 +12,7 @@ from streamcl import Plugin, columns, hookimpl
 from streamcl.batch import Batch
 from streamcl.columns import PASSIVE, HeadLateral, Lateral, reinitialise  # noqa: F401 (PASSIVE: re-exported)
 from streamcl.errors import ConfigError
-from streamcl.parts import grown_linear, replace_module
+from streamcl.parts import grown_linear, model_as, replace_module
 from streamcl.plugins.ewc import EWC
 from streamcl.scenarios import as_batch
 
@@ -245,10 +245,7 @@ class ProgressCompress(Plugin):
     # ------------------------------------------------------------------------------ compress
     @hookimpl
     def after_training_exp(self, strategy) -> None:
-        model = strategy.model
-        if not isinstance(model, ProgressCompressNet):  # another plugin replaced the model after ours
-            raise ConfigError("progress_compress: strategy.model is no longer the knowledge base with its active "
-                              "column; list progress_compress after plugins that replace the model")
+        model = model_as(strategy, ProgressCompressNet, "progress_compress", "the knowledge base with its active column")
         data = as_batch(strategy.experience.dataset, strategy.device)
         teacher = strategy.infer(data).logits  # the AC's (adapted) predictions, in evaluation mode
         self._phase(model, progress=False)

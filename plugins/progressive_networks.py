@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from streamcl import ConfigError, DataError, Plugin, hookimpl
 from streamcl.columns import HeadLateral, Lateral, check_forward, check_model, reinitialise
-from streamcl.parts import grown_linear, replace_module
+from streamcl.parts import check_first, grown_linear, replace_module
 from streamcl.plugins.multi_head import experience_tasks
 
 NAME = "progressive_networks"
@@ -270,9 +270,7 @@ class ProgressiveNetworks(Plugin):
                             "progressive network trains one column per task: give each experience one task label")
         task, classes = tasks[0]
         if not isinstance(model, ProgressiveNet):
-            if model is not strategy.model:
-                raise ConfigError(f"{NAME} builds its columns from strategy.model, and a plugin before it in the "
-                                  f"list returned another model; list {NAME} first")
+            check_first(strategy, model, NAME, "builds its columns from")
             head = strategy.head
             self.trains = {"body": [n for n, p in model.named_parameters()
                                     if p.requires_grad and not n.startswith(self.chain[-1] + ".")],

@@ -10,6 +10,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from streamcl import ConfigError, Plugin, hookimpl
+from streamcl.parts import check_first
 from streamcl.task_weights import TaskWeightsNet, maskable, straight_through
 
 
@@ -168,9 +169,7 @@ class SupSup(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if not isinstance(model, SupSupNet):
-            if model is not strategy.model:
-                raise ConfigError("supsup wraps strategy.model, and a plugin before it in the list returned another "
-                                  "model; list supsup first")
+            check_first(strategy, model, "supsup", "wraps")
             model = SupSupNet(model, strategy.head_path, maskable(model, "supsup"), self.density, self.infer)
             self._fix_weights(model, strategy.generator)
             model.norm_fixed = True

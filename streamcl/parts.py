@@ -110,3 +110,20 @@ def grown_linear(head: nn.Linear, n: int) -> nn.Linear:
         new.bias[:head.out_features] = head.bias
     new.weight.requires_grad_(head.weight.requires_grad)
     return new
+
+
+def check_first(strategy, model: nn.Module, who: str, does: str) -> None:
+    """In ``adapt_model``: refuse ``model`` (what the plugins before ``who`` returned) unless it is ``strategy.model``,
+    which ``who`` ``does`` ("wraps", "replaces the head of")."""
+    if model is not strategy.model:
+        from streamcl.errors import ConfigError
+        raise ConfigError(f"{who} {does} strategy.model, and a plugin before it in the list returned another model; "
+                          f"list {who} first")
+
+
+def model_as(strategy, kind: type, who: str, what: str) -> nn.Module:
+    """``strategy.model`` when it is still the ``kind`` plugin ``who`` built (``what``), else a ConfigError."""
+    if not isinstance(strategy.model, kind):
+        from streamcl.errors import ConfigError
+        raise ConfigError(f"{who}: strategy.model is no longer {what}; list {who} after plugins that replace the model")
+    return strategy.model
