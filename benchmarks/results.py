@@ -126,11 +126,10 @@ def add_rows(old: str, new: list[str]) -> list[str]:
     out = []
     lines = old.rstrip("\n").splitlines()
     for i, ln in enumerate(lines):
-        if ln.startswith("| ") and ln.split(" | ")[0] in names:
-            continue
-        out.append(ln)
+        if not (ln.startswith("| ") and ln.split(" | ")[0] in names):
+            out.append(ln)
         end_of_table = ln.startswith("|") and (i + 1 == len(lines) or not lines[i + 1].startswith("|"))
-        if end_of_table:
+        if end_of_table:  # (also when its last row was one replaced)
             width = ln.count(" | ")
             out += [r for r in new_rows if r.count(" | ") == width]
     return out
