@@ -1,6 +1,6 @@
 """Regenerate one protocol's section of docs/results.md: each method over seeds 0, 1, 2 (docs/protocols.md).
 
-    python benchmarks/results.py [--protocol SFM-5|SFM-5-TIL|PFM-5] [--methods naive replay:memory=2000]
+    python benchmarks/results.py [--protocol SFM-5|SFM-5-TIL|PFM-5|PFM-5-TL] [--methods naive replay:memory=2000]
                                  [--seeds 0 1 2] [--out docs/results.md]
 
 Reports the mean ± std of final average accuracy, average incremental accuracy, forgetting and
@@ -35,6 +35,8 @@ DESCRIPTION = {
                  "to the task's classes)",
     "PFM-5": "Permuted Fashion-MNIST, 5 experiences of 12,000 images, each a fixed pixel permutation, "
              "domain-incremental (all 10 classes in every experience)",
+    "PFM-5-TL": "PFM-5 with experience k given task label k at train and test time (for the methods that need "
+                "the task label; one 10-way head)",
 }
 MODEL = "MLP 784-256-256-10, SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience"
 # compressed replay in the bytes of 500 float32 samples (with their two int64 labels)
@@ -46,6 +48,7 @@ DEFAULT_METHODS = {  # SFM-5: every class-incremental recipe (exemplar-free ones
     "SFM-5-TIL": [*(n for n in RECIPES if n not in ("ewc", "progress_compress")), "ewc:lambda_=1000",
                   "progress_compress:lambda_=1000"],  # every recipe; EWC and P&C at the task-incremental lambda
     "PFM-5": ["naive", "joint", "replay", "lwf", "ewc", "online_ewc", "si", "mas", "gem", "agem"],
+    "PFM-5-TL": ["naive", "packnet", "hat", "supsup", "pnn"],
 }
 NOTES = {
     "SFM-5": "GDumb retrains from scratch at each evaluation point, so its cost is under eval seconds. "
