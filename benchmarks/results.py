@@ -25,7 +25,7 @@ REFERENCE = {
               "er_ace": 0.778, "derpp": 0.790, "icarl": 0.668, "gdumb": 0.439, "replay_lwf": 0.787, "gem": 0.742, "bic": 0.773,
               "ewc": 0.199, "si": 0.199, "lwf": 0.199, "cwr_star": 0.437},
     "SFM-5-TIL": {"naive": 0.936, "replay": 0.988, "ewc:lambda_=1000": 0.972, "lwf": 0.989, "mas": 0.988, "gem": 0.988,
-                  "agem": 0.988, "multihead": 0.936},  # Avalanche's naive there is multi-headed
+                  "agem": 0.988, "multihead": 0.936, "pnn": 0.990, "packnet": 0.986},  # Avalanche's naive there is multi-headed
     "PFM-5": {"naive": 0.734, "joint": 0.817, "replay": 0.792, "ewc": 0.774, "online_ewc": 0.781, "lwf": 0.749,
               "mas": 0.756, "gem": 0.789, "agem": 0.795, "si": 0.734},
 }
