@@ -13,6 +13,7 @@ from streamcl.plugins.er_ace import ERACE
 from streamcl.plugins.ewc import EWC
 from streamcl.plugins.gdumb import GDumb
 from streamcl.plugins.gem import GEM
+from streamcl.plugins.hat import HAT
 from streamcl.plugins.hypernetwork import HyperNetwork
 from streamcl.plugins.latent_replay import LatentReplay
 from streamcl.plugins.less_forget import LessForget
@@ -21,12 +22,17 @@ from streamcl.plugins.mas import MAS
 from streamcl.plugins.mir import MIR
 from streamcl.plugins.multi_head import MultiHead
 from streamcl.plugins.nme import NMEClassifier
+from streamcl.plugins.packnet import PackNet
+from streamcl.plugins.piggyback import Piggyback
 from streamcl.plugins.progress_compress import ProgressCompress
+from streamcl.plugins.progressive_networks import ProgressiveNetworks
 from streamcl.plugins.replay import Replay
 from streamcl.plugins.si import SI
+from streamcl.plugins.supsup import SupSup
 from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
 __all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "CWR", "CWRStar", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
-           "GDumb", "GEM", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking", "MultiHead",
-           "NMEClassifier", "ProgressCompress", "Replay", "SI", "TaskMask", "WA"]
+           "GDumb", "GEM", "HAT", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
+           "MultiHead", "NMEClassifier", "PackNet", "Piggyback", "ProgressCompress", "ProgressiveNetworks", "Replay", "SI",
+           "SupSup", "TaskMask", "WA"]
