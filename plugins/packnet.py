@@ -77,9 +77,9 @@ class PackNet(Plugin):
     magnitude is set to 0 and stays free; the rest become task ``k``'s; the kept weights are retrained for
     ``retrain_epochs`` (the engine's private loop ``strategy.fit`` with the task loss, logged ``loss/packnet``)
     with the pruned ones at 0. At test time a sample of task ``t`` runs with the weights of tasks ``<= t`` only
-    (Sec. 3: "the weights of later tasks are masked out"). Biases and every other parameter are trained with the
-    first task and fixed after it (as the paper; batch-norm statistics too); a classifier head's bias entries of classes no earlier task had
-    train with the task that brings them.
+    (Sec. 3: later tasks' weights are masked to 0). Biases and every other parameter are trained with the first
+    task and fixed after it (as the paper; batch-norm statistics too); a classifier head's bias entries of classes
+    no earlier task had train with the task that brings them.
 
     A sample's task label picks its task; a label never trained runs with every task's weights (the newest slot).
     A class-incremental stream (every sample task 0) makes each experience a slot, evaluated with all of them:

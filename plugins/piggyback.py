@@ -63,8 +63,9 @@ class Piggyback(Plugin):
     The backbone: with ``train_first`` (default) the first task trains the network itself, densely, and it is fixed
     after it (the paper starts from an ImageNet-trained network; here the first task stands in for it); without it,
     the model given is taken as pre-trained and every task, the first too, learns a mask. Biases and every other
-    parameter are fixed with the backbone (batch-norm statistics too). As the paper gives every task its own classifier, the rows of the head
-    (weight and bias) of classes no earlier task had train densely with the task that brings them (masked as well).
+    parameter are fixed with the backbone (batch-norm statistics too). As the paper gives every task its own
+    classifier, the rows of the head (weight and bias) of classes no earlier task had train densely with the task
+    that brings them (masked as well).
     Scores learn at ``mask_lr`` (the paper trains them with Adam at 1e-4; the protocol's SGD needs a rate scaled to
     the size of ``dL/dm_r = dL/dW * W``).
 

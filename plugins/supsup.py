@@ -32,8 +32,8 @@ def top_fraction(scores: Tensor, density: float) -> Tensor:
 
 class SupSupNet(TaskWeightsNet):
     """The model with fixed weights ``W_i`` (``names``) and, per slot ``k``, scores ``scores[k][i]``: slot ``k`` runs
-    with ``W_i * top(scores[k][i])`` (straight-through to the scores). ``classes`` (slot x class, the buffer ``table``) holds
-    each slot's classes. With ``infer`` set, an evaluation forward chooses each row's slot itself
+    with ``W_i * top(scores[k][i])`` (straight-through to the scores). ``classes`` (slot x class, the buffer
+    ``table``) holds each slot's classes. With ``infer`` set, an evaluation forward chooses each row's slot itself
     (:meth:`infer_slots`); ``last_slots`` keeps the slots the latest forward used."""
 
     def __init__(self, model: nn.Module, head_path: str | None, names: list[str], density: float, infer: str):
@@ -79,8 +79,8 @@ class SupSupNet(TaskWeightsNet):
     @torch.no_grad()
     def infer_slots(self, x: Tensor, kwargs: dict) -> Tensor:
         """One-shot task inference (SupSup, Sec. 3.3, eq. 4): the network runs with the superposition
-        ``W * sum_k alpha_k M_k`` at ``alpha_k = 1/K``; the slot inferred is ``argmin_k dH/d alpha_k``, ``H`` the entropy
-        of the softmax over every slot's classes. ``infer = "sample"``: each row's own entropy (forward-mode
+        ``W * sum_k alpha_k M_k`` at ``alpha_k = 1/K``; the slot inferred is ``argmin_k dH/d alpha_k``, ``H`` the
+        entropy of the softmax over every slot's classes. ``infer = "sample"``: each row's own entropy (forward-mode
         derivatives, one pass per slot); ``"batch"``: the minibatch's mean entropy, one slot for all its rows."""
         k = self.n_slots
         if self.infer == "each":
@@ -95,7 +95,8 @@ class SupSupNet(TaskWeightsNet):
         seen = self.classes.any(0).nonzero().squeeze(1)
 
         def entropy(alpha: Tensor) -> Tensor:
-            weights = {n: p * sum(a * m[i] for a, m in zip(alpha, masks)) for i, (n, p) in enumerate(zip(self.names, params))}
+            weights = {n: p * sum(a * m[i] for a, m in zip(alpha, masks))
+                       for i, (n, p) in enumerate(zip(self.names, params))}
             logp = functional_call(self.model, weights, (x,), kwargs)[:, seen].log_softmax(1)
             h = -(logp.exp() * logp).sum(1)
             return h if self.infer == "sample" else h.mean()[None]

@@ -1,4 +1,4 @@
-"""SupSup: top-k masks by hand, fixed signed-constant weights, the one-shot task inference against autograd, GG and GN."""
+"""SupSup: top-k masks by hand, fixed signed-constant weights, one-shot task inference against autograd, GG, GN."""
 import math
 
 import pytest
