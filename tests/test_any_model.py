@@ -16,8 +16,11 @@ from tests.reliability import UNITS, tiny_config
 # (unit, model) -> a phrase the refusal must contain; every other pair must run
 MASKS = "der masks the units of fully connected layers"  # DER(masks=False) runs on these
 LATERALS = "wires lateral adaptors between fully connected layers only"  # Progress & Compress, PNN
+HAT = "hat masks the units of fully connected layers"
 REFUSED: dict[tuple[str, str], str] = {
     **{(unit, model): MASKS for unit in ("plugin:der", "method:der") for model in ("resnet18", "vit")},
+    **{(unit, model): HAT for unit in ("plugin:hat", "method:hat", "plugin:hat:task", "method:hat:task")
+       for model in ("resnet18", "vit")},
     **{(unit, model): LATERALS for unit in ("plugin:progress_compress", "method:progress_compress",
                                             "plugin:progressive_networks", "method:pnn",
                                             "plugin:progressive_networks:task", "method:pnn:task")
