@@ -1,0 +1,208 @@
+"""Deep generative replay: a generator trained alongside the classifier replays old data, labelled by the frozen
+solver."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from streamcl import Batch, ConfigError, Plugin, distributed as dist, hookimpl
+from streamcl.models.generators import conv_vae, mlp_vae
+from streamcl.plugins.cosine_head import first_sample
+from streamcl.plugins.distill import frozen
+
+GENERATORS = {"mlp": mlp_vae, "conv": conv_vae}
+RATIOS = ("classes", "experiences")
+
+
+class GenerativeReplay(Plugin):
+    """Deep generative replay (Shin et al. 2017, "Continual Learning with Deep Generative Replay", NeurIPS, Sec. 3).
+
+    A generator (a VAE of :mod:`streamcl.models.generators` by default, any module with ``loss`` and ``sample``)
+    learns the stream beside the classifier (the *solver*). Before each experience after the first, frozen copies of
+    both are taken (``before_training_exp``). Every minibatch of ``n`` new samples is joined by ``m`` generated
+    samples (the old generator's; a class-conditional one is asked for the old classes in equal shares) labelled by
+    the frozen solver: ``argmax`` of its logits over the classes seen before (Sec. 3.2, eq. 1-2, hard labels). The
+    new samples' share of the loss is the paper's ratio ``r``: ``m = n (1 - r) / r`` with ``ratio = "classes"``:
+    ``(1 - r) / r`` = old classes / the experience's classes (``r = 1/(experiences seen)`` with equal experiences;
+    an experience of recurring classes, as in a domain-incremental stream, uses the number of earlier experiences),
+    ``"experiences"``: the number of earlier experiences, or a number: a fixed multiple; at most ``max_replay``.
+    With ``soft`` the replayed samples are not labelled: a term ``loss/dgr_soft`` adds ``(m / n)`` times the KL
+    divergence from the frozen solver's softened outputs (temperature ``temperature``, times ``T^2``) over the old
+    classes instead (Sec. 3.2's alternative of the solver's outputs as targets).
+
+    The generator learns every minibatch's inputs (the experience's and the replayed ones: it replays to itself),
+    one step of its own Adam (``lr``) per step of the classifier, after the classifier's; its terms are logged as
+    ``loss/<name>`` (``vae_recon``, ``vae_kl``). No sample is stored: the memory cost is the generator's parameters
+    (``memory_floats``; ``equivalent_samples``: as many inputs of the data's size).
+
+    Arguments: ``generator`` (``"mlp"``, ``"conv"`` or a module), ``conditional`` (a class-conditional VAE prior),
+    ``latent``, ``ratio``, ``max_replay``, ``soft``, ``temperature``, ``lr``. It owns the role ``generator``.
+    """
+
+    owns = frozenset({"generator"})
+
+    def __init__(self, generator: str | nn.Module = "mlp", conditional: bool = False, latent: int = 100,
+                 ratio: str | float = "classes", max_replay: int | None = None, soft: bool = False,
+                 temperature: float = 2.0, lr: float = 1e-3):
+        if not isinstance(generator, nn.Module) and generator not in GENERATORS:
+            raise ConfigError(f"generative_replay generator={generator!r}: one of {', '.join(GENERATORS)}, or a module "
+                              "with loss(x, y) and sample(n, y, generator)")
+        if isinstance(generator, nn.Module) and not (callable(getattr(generator, "loss", None))
+                                                     and callable(getattr(generator, "sample", None))):
+            raise ConfigError(f"generative_replay: {type(generator).__name__} has no loss(x, y) and sample(n, y, "
+                              "generator) methods, which a generator needs")
+        if not (ratio in RATIOS or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+                                    and 0 <= ratio < math.inf)):
+            raise ConfigError(f"generative_replay ratio={ratio!r}: 'classes', 'experiences' or a number >= 0 "
+                              "(replayed samples per new sample)")
+        if max_replay is not None and (isinstance(max_replay, bool) or not isinstance(max_replay, int)
+                                       or max_replay < 0):
+            raise ConfigError(f"generative_replay max_replay={max_replay!r}: a whole number >= 0, or none")
+        for name, value in (("latent", latent),):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"generative_replay {name}={value!r}: a positive whole number")
+        for name, value in (("temperature", temperature), ("lr", lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"generative_replay {name}={value!r}: a finite number above 0")
+        self.kind = generator if isinstance(generator, str) else None
+        self.generator: nn.Module | None = None if isinstance(generator, str) else generator
+        self.conditional, self.latent, self.ratio, self.max_replay = conditional, latent, ratio, max_replay
+        self.soft, self.temperature, self.lr = bool(soft), float(temperature), float(lr)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.old_generator: nn.Module | None = None
+        self.solver: nn.Module | None = None
+        self.old_classes: list[int] = []
+        self.per_sample = 0.0  # replayed samples per new sample in this experience
+        self.data_shape: tuple = ()
+
+    # ------------------------------------------------------------------------------ set-up per experience
+    def _build(self, strategy, experience) -> None:
+        """The default generator, sized from the first experience (its draws seeded from the run's generator)."""
+        self.data_shape = tuple(first_sample(experience.dataset).x.shape[1:])
+        if self.generator is None:
+            shape = (1, 28, 28) if self.kind == "conv" and self.data_shape == (784,) else self.data_shape
+            head = getattr(strategy, "_head", None)
+            n_classes = max(int(getattr(head, "out_features", 0) or 0), max(experience.classes) + 1)
+            kwargs = {"n_classes": n_classes} if self.conditional else {}
+            seed = int(torch.randint(2**62, (1,), generator=strategy.generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.generator = GENERATORS[self.kind](shape, latent=self.latent, **kwargs)
+        self.generator.to(strategy.device)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr)
+
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        exp = strategy.experience
+        self._build(strategy, exp)
+        earlier = [e for e in strategy.trained if e is not exp]
+        self.old_classes = sorted({c for e in earlier for c in e.classes})
+        if not earlier:
+            self.solver = self.old_generator = None
+            self.per_sample = 0.0
+            return
+        self.solver, self.old_generator = frozen(strategy.model), frozen(self.generator)
+        if isinstance(self.ratio, str):
+            old = len(set(self.old_classes) - set(exp.classes))
+            self.per_sample = (old / max(1, len(exp.classes))) if self.ratio == "classes" and old else len(earlier)
+        else:
+            self.per_sample = float(self.ratio)
+
+    def replay_count(self, n: int) -> int:
+        """How many generated samples join a minibatch of ``n`` new ones."""
+        m = int(round(n * self.per_sample))
+        return m if self.max_replay is None else min(m, self.max_replay)
+
+    # ------------------------------------------------------------------------------ replay
+    def generate(self, strategy, m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``m`` samples of the old generator, the frozen solver's labels for them and its logits (old classes)."""
+        y = None
+        if getattr(self.old_generator, "conditional", False):
+            old = torch.tensor(self.old_classes)
+            y = old[torch.randint(len(old), (m,), generator=strategy.generator)].to(strategy.device)
+        x = self.old_generator.sample(m, y, generator=strategy.generator).to(strategy.device)
+        x = x.reshape(m, *self.data_shape)
+        t = torch.zeros(m, dtype=torch.long, device=strategy.device)
+        with torch.no_grad():
+            logits = strategy.forward(Batch(x, torch.zeros_like(t), t), model=self.solver).logits
+        old = torch.tensor(self.old_classes, device=logits.device)
+        logits = logits.index_select(1, old)
+        return x, old[logits.argmax(1)], logits
+
+    @hookimpl
+    def replay_batch(self, strategy, batch: Batch) -> Batch | None:
+        if self.solver is None or self.soft:
+            return None
+        m = self.replay_count(len(batch))
+        if not m:
+            return None
+        x, y, _ = self.generate(strategy, m)
+        return Batch(x, y, torch.zeros_like(y))
+
+    @hookimpl
+    def loss_terms(self, strategy) -> dict[str, Tensor] | None:
+        if self.solver is None or not self.soft:
+            return None
+        n = strategy.n_current
+        m = self.replay_count(n)
+        if not m:
+            return None
+        x, y, teacher = self.generate(strategy, m)
+        out = strategy.forward(Batch(x, y, torch.zeros_like(y))).logits
+        old = torch.tensor(self.old_classes, device=out.device)
+        student = out.index_select(1, old)
+        T = self.temperature
+        kl = F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), log_target=True,
+                      reduction="batchmean") * T * T
+        return {"dgr_soft": kl * m / n}
+
+    # ------------------------------------------------------------------------------ the generator learns
+    @hookimpl
+    def after_training_iteration(self, strategy) -> None:
+        batch = strategy.unaugmented
+        self.generator.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.generator.loss(batch.x, batch.y if getattr(self.generator, "conditional", False) else None,
+                                    generator=strategy.generator)
+        total = sum(terms.values())
+        total.backward()
+        if strategy.world > 1:  # every rank learns from the whole minibatch: gradients averaged
+            for p in self.generator.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= strategy.world
+        self.optimizer.step()
+        for name, value in terms.items():
+            strategy.log(f"loss/{name}", float(value.detach()))
+
+    # ------------------------------------------------------------------------------ reporting and state
+    def memory_floats(self) -> int:
+        """The generator's parameters: what this replay stores instead of samples."""
+        return 0 if self.generator is None else sum(p.numel() for p in self.generator.parameters())
+
+    def equivalent_samples(self, sample_size: int) -> float:
+        """The generator's parameters as a number of stored inputs of ``sample_size`` values."""
+        return self.memory_floats() / sample_size
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator, "generator_state": None if self.generator is None else
+                self.generator.state_dict(), "optimizer": None if self.optimizer is None else
+                self.optimizer.state_dict(), "old_generator": self.old_generator,
+                "old_generator_state": None if self.old_generator is None else self.old_generator.state_dict(),
+                "solver": self.solver, "solver_state": None if self.solver is None else self.solver.state_dict(),
+                "old_classes": list(self.old_classes), "per_sample": self.per_sample, "data_shape": self.data_shape}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator = state["generator"]
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator_state"])
+            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.old_generator = frozen(state["old_generator"], state["old_generator_state"])
+        self.solver = frozen(state["solver"], state["solver_state"])
+        self.old_classes, self.per_sample = list(state["old_classes"]), float(state["per_sample"])
+        self.data_shape = tuple(state["data_shape"])
