@@ -103,6 +103,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "without task labels the task is inferred by the one-shot entropy gradient over the masks' superposition",
            lambda density=0.5, scores_lr=10.0, infer="sample": [
                build_plugin("supsup", density=density, scores_lr=scores_lr, infer=infer)]),
+    Recipe("dgr", "deep generative replay: a VAE learns the stream beside the classifier; its samples, labelled by the "
+           "frozen classifier, join every minibatch (no stored sample)",
+           lambda generator="mlp", **options: [build_plugin("generative_replay", generator=generator, **options)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",
