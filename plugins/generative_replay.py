@@ -29,9 +29,9 @@ class GenerativeReplay(Plugin):
     ``(1 - r) / r`` = old classes / the experience's classes (``r = 1/(experiences seen)`` with equal experiences;
     an experience of recurring classes, as in a domain-incremental stream, uses the number of earlier experiences),
     ``"experiences"``: the number of earlier experiences, or a number: a fixed multiple; at most ``max_replay``.
-    With ``soft`` the replayed samples are not labelled: a term ``loss/dgr_soft`` adds ``(m / n)`` times the KL
-    divergence from the frozen solver's softened outputs (temperature ``temperature``, times ``T^2``) over the old
-    classes instead (Sec. 3.2's alternative of the solver's outputs as targets).
+    With ``soft`` the replayed samples are not labelled: a term ``loss/dgr_soft`` adds ``(m / n)`` times the
+    cross-entropy between the frozen solver's softened outputs over the old classes (temperature ``temperature``)
+    and the classifier's softened outputs over every class seen, times ``T^2`` (the solver's outputs as targets).
 
     The generator learns every minibatch's inputs (the experience's and the replayed ones: it replays to itself),
     one step of its own Adam (``lr``) per step of the classifier, after the classifier's; its terms are logged as
@@ -77,6 +77,7 @@ class GenerativeReplay(Plugin):
         self.old_classes: list[int] = []
         self.per_sample = 0.0  # replayed samples per new sample in this experience
         self.data_shape: tuple = ()
+        self._soft_rows: Batch | None = None  # with ``soft``: this step's replayed samples
 
     # ------------------------------------------------------------------------------ set-up per experience
     def _build(self, strategy, experience) -> None:
@@ -152,18 +153,22 @@ class GenerativeReplay(Plugin):
         if not m:
             return None
         x, y, teacher = self.generate(strategy, m)
-        out = strategy.forward(Batch(x, y, torch.zeros_like(y))).logits
-        old = torch.tensor(self.old_classes, device=out.device)
-        student = out.index_select(1, old)
+        self._soft_rows = Batch(x, y, torch.zeros_like(y))  # the generator learns them too
+        out = strategy.forward(self._soft_rows).logits
+        seen = torch.tensor(sorted({*self.old_classes, *strategy.experience.classes}), device=out.device)
+        where = torch.searchsorted(seen, torch.tensor(self.old_classes, device=out.device))
         T = self.temperature
-        kl = F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), log_target=True,
-                      reduction="batchmean") * T * T
-        return {"dgr_soft": kl * m / n}
+        log_q = F.log_softmax(out.index_select(1, seen) / T, 1).index_select(1, where)  # old among all seen
+        target = F.softmax(teacher / T, 1)
+        ce = -(target * log_q).sum(1).mean() * T * T
+        return {"dgr_soft": ce * m / n}
 
     # ------------------------------------------------------------------------------ the generator learns
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
         batch = strategy.unaugmented
+        if self._soft_rows is not None:
+            batch, self._soft_rows = batch.cat(self._soft_rows), None
         self.generator.train()
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.generator.loss(batch.x, batch.y if getattr(self.generator, "conditional", False) else None,
