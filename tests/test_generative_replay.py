@@ -1,0 +1,131 @@
+"""Generative replay: the VAE's loss by hand, replayed labels from the frozen solver, the replay ratio, state."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from streamcl import Batch, ConfigError, Strategy
+from streamcl.models import MLP
+from streamcl.models.generators import VAE, conv_vae, mlp_vae
+from streamcl.plugins.generative_replay import GenerativeReplay
+from tests.synthetic import tiny_benchmark
+
+
+def tiny_vae(n_classes=None) -> VAE:
+    """2 pixels, 1 latent: encoder identity, decoder a 1 -> 2 linear map, every weight set by hand."""
+    vae = VAE(nn.Identity(), nn.Linear(1, 2), features=2, latent=1, shape=(2,), n_classes=n_classes, mean=0.0, std=1.0)
+    with torch.no_grad():
+        vae.to_mu.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        vae.to_mu.bias.zero_()
+        vae.to_logvar.weight.zero_()
+        vae.to_logvar.bias.fill_(math.log(0.25))  # sigma = 0.5
+        vae.decoder.weight.copy_(torch.tensor([[2.0], [-1.0]]))
+        vae.decoder.bias.copy_(torch.tensor([0.0, 1.0]))
+    return vae
+
+
+def test_the_vae_loss_is_the_negative_elbo_by_hand():
+    vae = tiny_vae()
+    x = torch.tensor([[0.8, 0.2]])
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(1, 1, generator=torch.Generator().manual_seed(0)).item()
+    terms = vae.loss(x, generator=g)
+    z = 0.8 + 0.5 * eps  # mu = x0, sigma = 0.5
+    logits = [2 * z, -z + 1]
+    recon = sum(-(u * math.log(1 / (1 + math.exp(-a))) + (1 - u) * math.log(1 - 1 / (1 + math.exp(-a))))
+                for u, a in zip([0.8, 0.2], logits))
+    kl = 0.5 * (0.25 + 0.8 ** 2 - 1 - math.log(0.25))
+    assert terms["vae_recon"].item() == pytest.approx(recon, rel=1e-5)
+    assert terms["vae_kl"].item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_a_class_conditional_prior_shifts_the_kl_and_the_samples():
+    vae = tiny_vae(n_classes=3)
+    with torch.no_grad():
+        vae.prior.weight.copy_(torch.tensor([[0.0], [1.0], [-2.0]]))
+    x = torch.tensor([[0.8, 0.2]])
+    kl = vae.loss(x, torch.tensor([1]), generator=torch.Generator().manual_seed(0))["vae_kl"].item()
+    assert kl == pytest.approx(0.5 * (0.25 + (0.8 - 1.0) ** 2 - 1 - math.log(0.25)), rel=1e-5)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 1, generator=torch.Generator().manual_seed(3)) - 2.0
+    expected = torch.sigmoid(vae.decoder(z))
+    assert torch.allclose(vae.sample(1, torch.tensor([2]), generator=g), expected)
+
+
+def test_samples_come_back_in_the_classifiers_scale_and_shape():
+    vae = mlp_vae((784,), hidden=(16,), latent=4)
+    s = vae.sample(5, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (5, 784)
+    assert torch.all(s * vae.std + vae.mean >= 0) and torch.all(s * vae.std + vae.mean <= 1 + 1e-6)
+    conv = conv_vae((1, 28, 28), latent=4, n_classes=10)
+    assert conv.sample(2, torch.tensor([0, 9])).shape == (2, 1, 28, 28)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        conv_vae((1, 30, 30))
+
+
+def dgr_strategy(**kwargs):
+    model = MLP(8, [16], 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return Strategy(model, opt, plugins=[GenerativeReplay(generator="mlp", latent=2, **kwargs)], epochs=1,
+                    batch_size=16, seed=0)
+
+
+def test_replayed_samples_are_labelled_by_the_frozen_solver_among_the_old_classes():
+    strategy = dgr_strategy()
+    bench = tiny_benchmark(4, 2)
+    strategy.train(bench.train_stream[0])
+    plugin = strategy.plugins[0]
+    strategy.experience = bench.train_stream[1]
+    strategy.trained.append(bench.train_stream[1])
+    plugin.before_training_exp(strategy)  # as the engine calls it: frozen copies, the ratio
+    assert plugin.old_classes == [0, 1] and plugin.per_sample == 1.0  # 2 old classes / 2 new
+    state = torch.get_rng_state()
+    x, y, logits = plugin.generate(strategy, 7)
+    with torch.no_grad():
+        own = plugin.solver(x)[:, [0, 1]]
+    assert torch.equal(y, torch.tensor([0, 1])[own.argmax(1)]) and torch.allclose(logits, own)
+    assert torch.equal(torch.get_rng_state(), state)  # drawn from the run's generator only
+    batch = plugin.replay_batch(strategy, Batch(torch.zeros(16, 8), torch.full((16,), 2), torch.zeros(16).long()))
+    assert len(batch) == 16 and set(batch.y.tolist()) <= {0, 1}
+
+
+PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+@pytest.mark.parametrize("ratio,current,earlier,expected", [
+    ("classes", (8, 9), PAIRS, 4.0),  # 8 old classes / 2 new: r = 1/5
+    ("classes", tuple(range(10)), [tuple(range(10))] * 4, 4.0),  # recurring classes: the earlier experiences
+    ("experiences", (4, 5), PAIRS[:2], 2.0), (0.5, (4, 5), PAIRS[:2], 0.5)])
+def test_the_replay_ratio(ratio, current, earlier, expected):
+    plugin = GenerativeReplay(ratio=ratio, max_replay=300)
+    exp = type("E", (), {"classes": current})()
+    strategy = type("S", (), {"experience": exp, "trained": [type("E", (), {"classes": c})() for c in earlier],
+                              "model": nn.Linear(1, 1), "device": "cpu"})()
+    plugin._build = lambda *args: None  # no generator needed to count
+    plugin.generator = nn.Linear(1, 1)
+    plugin.before_training_exp(strategy)
+    assert plugin.per_sample == expected
+    assert plugin.replay_count(128) == min(300, round(128 * expected))
+
+
+def test_a_run_checkpoints_and_resumes_the_generator(tmp_path):
+    strategy = dgr_strategy()
+    strategy.checkpoint_dir = tmp_path
+    bench = tiny_benchmark(4, 2)
+    strategy.train(bench.train_stream)
+    path = strategy.save_checkpoint()
+    other = dgr_strategy()
+    other.load_checkpoint(path)
+    a, b = strategy.plugins[0], other.plugins[0]
+    for p, q in zip(a.generator.parameters(), b.generator.parameters()):
+        assert torch.equal(p, q)
+    assert a.old_classes == b.old_classes and b.solver is not None and a.memory_floats() == b.memory_floats() > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [({"generator": "gan"}, "generator"), ({"ratio": "tasks"}, "ratio"),
+                                          ({"lr": 0}, "lr"), ({"latent": 0}, "latent"),
+                                          ({"generator": nn.Linear(2, 2)}, "loss")])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerativeReplay(**kwargs)
