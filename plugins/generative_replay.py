@@ -38,13 +38,14 @@ class GenerativeReplay(Plugin):
     ``loss/<name>`` (``vae_recon``, ``vae_kl``). No sample is stored: the memory cost is the generator's parameters
     (``memory_floats``; ``equivalent_samples``: as many inputs of the data's size).
 
-    Arguments: ``generator`` (``"mlp"``, ``"conv"`` or a module), ``conditional`` (a class-conditional VAE prior),
-    ``latent``, ``ratio``, ``max_replay``, ``soft``, ``temperature``, ``lr``. It owns the role ``generator``.
+    Arguments: ``generator`` (``"mlp"``: 784-400-400 and back, ``"conv"`` or a module), ``conditional`` (a
+    class-conditional VAE prior), ``latent`` (8: measured, docs/methods.md; van de Ven et al.'s VAE has 100),
+    ``ratio``, ``max_replay``, ``soft``, ``temperature``, ``lr`` (Adam's, 1e-3). It owns the role ``generator``.
     """
 
     owns = frozenset({"generator"})
 
-    def __init__(self, generator: str | nn.Module = "mlp", conditional: bool = False, latent: int = 100,
+    def __init__(self, generator: str | nn.Module = "mlp", conditional: bool = False, latent: int = 8,
                  ratio: str | float = "classes", max_replay: int | None = None, soft: bool = False,
                  temperature: float = 2.0, lr: float = 1e-3):
         if not isinstance(generator, nn.Module) and generator not in GENERATORS:
