@@ -135,11 +135,20 @@ class GenerativeReplay(Plugin):
         logits = logits.index_select(1, old)
         return x, old[logits.argmax(1)], logits
 
+    @staticmethod
+    def _global(strategy, n: int) -> int:
+        """``n`` summed over the ranks (the whole minibatch's size in a distributed run)."""
+        if strategy.world == 1:
+            return n
+        total = torch.tensor([n], device=strategy.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
     @hookimpl
     def replay_batch(self, strategy, batch: Batch) -> Batch | None:
         if self.solver is None or self.soft:
             return None
-        m = self.replay_count(len(batch))
+        m = self.replay_count(self._global(strategy, len(batch)))  # every rank draws the same; the engine shards
         if not m:
             return None
         x, y, _ = self.generate(strategy, m)
@@ -149,11 +158,13 @@ class GenerativeReplay(Plugin):
     def loss_terms(self, strategy) -> dict[str, Tensor] | None:
         if self.solver is None or not self.soft:
             return None
-        n = strategy.n_current
+        n = self._global(strategy, strategy.n_current)
         m = self.replay_count(n)
         if not m:
             return None
-        x, y, teacher = self.generate(strategy, m)
+        x, y, teacher = self.generate(strategy, m)  # the same on every rank: each keeps its share
+        mine = dist.shard(torch.arange(m, device=x.device))
+        x, y, teacher = x[mine], y[mine], teacher[mine]
         self._soft_rows = Batch(x, y, torch.zeros_like(y))  # the generator learns them too
         out = strategy.forward(self._soft_rows).logits
         seen = torch.tensor(sorted({*self.old_classes, *strategy.experience.classes}), device=out.device)
@@ -168,19 +179,17 @@ class GenerativeReplay(Plugin):
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
         batch = strategy.unaugmented
+        parts = [batch.select(slice(0, strategy.n_current)), batch.select(slice(strategy.n_current, len(batch)))]
         if self._soft_rows is not None:
-            batch, self._soft_rows = batch.cat(self._soft_rows), None
+            parts[1], self._soft_rows = parts[1].cat(self._soft_rows), None
+        if strategy.world > 1:  # every rank takes the same step on the whole minibatch, in the one-process order
+            parts = [Batch(dist.all_gather(b.x), dist.all_gather(b.y), dist.all_gather(b.t)) for b in parts]
+        batch = parts[0].cat(parts[1])
         self.generator.train()
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.generator.loss(batch.x, batch.y if getattr(self.generator, "conditional", False) else None,
                                     generator=strategy.generator)
-        total = sum(terms.values())
-        total.backward()
-        if strategy.world > 1:  # every rank learns from the whole minibatch: gradients averaged
-            for p in self.generator.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= strategy.world
+        sum(terms.values()).backward()
         self.optimizer.step()
         for name, value in terms.items():
             strategy.log(f"loss/{name}", float(value.detach()))
