@@ -62,6 +62,8 @@ BARS = [
     ("PFM-5-TL", {"name": "supsup"}, 0.75, "the issue's PFM-5 0.80 (GG) is not met: measured 0.767 (0.776, 0.767, "
                                           "0.760); scores_lr 3-100 and density 0.3 give 0.765-0.776 on seed 0"),
     ("SFM-5", {"name": "dgr"}, 0.68, "issue bar: Avalanche's GenerativeReplay 0.630 + 0.05; no stored sample"),
+    ("SFM-5", {"name": "dgr", "conditional": True}, 0.72, "conditional replay (one part of brain-inspired replay: "
+                                                         "a class-conditional prior) on the same VAE"),
     ("SFM-5", {"name": "supsup"}, 0.30, "the issue's 0.50 (GN: task inferred, no memory) is not met: measured 0.335 "
                                         "(0.375, 0.314, 0.317; docs/methods.md has the rules tried)"),
 ]

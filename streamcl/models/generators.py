@@ -27,7 +27,8 @@ from streamcl.datasets.fmnist import MEAN as FMNIST_MEAN, STD as FMNIST_STD
 
 class VAE(nn.Module):
     """A VAE with a Gaussian encoder ``q(z|x) = N(mu(x), diag(sigma(x)^2))``, a standard normal prior (or, with
-    ``n_classes``, a learned mean per class: the class-conditional prior of van de Ven et al. 2020), and a Bernoulli
+    ``n_classes``, a learned mean per class, drawn from N(0, 1) at first: the class-conditional prior of van de Ven
+    et al. 2020), and a Bernoulli
     decoder ``p(x|z)``. ``encoder`` maps the [0, 1] inputs to features, ``decoder`` a latent to pixel logits of
     ``shape``. ``loss`` is the negative ELBO per sample, averaged over the minibatch:
 
@@ -47,8 +48,8 @@ class VAE(nn.Module):
         self.mean, self.std = float(mean), float(std)
         self.conditional = n_classes is not None
         self.prior = nn.Embedding(n_classes, latent) if n_classes is not None else None
-        if self.prior is not None:
-            nn.init.zeros_(self.prior.weight)
+        if self.prior is not None:  # the class modes start apart (van de Ven et al. 2020 draw them from N(0, 1))
+            nn.init.normal_(self.prior.weight)
 
     def to_unit(self, x: Tensor) -> Tensor:
         """The classifier's inputs as intensities in [0, 1]."""
