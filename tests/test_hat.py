@@ -15,7 +15,7 @@ from streamcl.plugins import TaskMask
 from streamcl.plugins.hat import HAT, HATNet
 from streamcl.scenarios import class_incremental
 from tests.conftest import resnet18
-from tests.synthetic import blobs
+from tests.synthetic import blobs, task_benchmark
 
 
 def strategy(plugins, hidden=(16, 16), n_classes: int = 4, seed: int = 0, lr: float = 0.1, epochs: int = 2):
@@ -23,12 +23,6 @@ def strategy(plugins, hidden=(16, 16), n_classes: int = 4, seed: int = 0, lr: fl
     model = MLP(8, list(hidden), n_classes)
     return Strategy(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), plugins=plugins,
                     epochs=epochs, batch_size=16, seed=seed)
-
-
-def task_stream(n_experiences: int = 2):
-    """Experience k is task k (2 classes each), at training and test time; 40 training samples: 3 batches of 16."""
-    n = 2 * n_experiences
-    return class_incremental(blobs(n_classes=n), blobs(10, n, seed=1), n_experiences, task_labels=True)
 
 
 # ------------------------------------------------------------------------------ eq. 6 and eq. 3
@@ -66,9 +60,9 @@ def test_s_anneals_from_1_over_s_max_to_s_max_within_each_epoch():
             at_eval.append(torch.equal(masked.masks(0)[0].detach(), torch.sigmoid(400.0 * masked.mask_logits[0])))
 
     s = strategy([HAT(), Spy()])
-    s.train(task_stream().train_stream[0])  # 40 samples, batch 16: B = 3 batches an epoch, 2 epochs
+    s.train(task_benchmark(2).train_stream[0])  # 40 samples, batch 16: B = 3 batches an epoch, 2 epochs
     assert seen == pytest.approx([1 / 400, 1 / 400 + (400 - 1 / 400) / 2, 400.0] * 2)
-    s.eval(task_stream().test_stream[0])
+    s.eval(task_benchmark(2).test_stream[0])
     assert at_eval and all(at_eval)  # s_max in evaluation
 
 
@@ -141,7 +135,7 @@ def test_the_plugin_conditions_the_gradients_and_adds_c_times_eq_5():
 
     hat = HAT()
     s = strategy([TaskMask(), Before(), hat, After()], hidden=(4, 2), epochs=1)
-    stream = task_stream()
+    stream = task_benchmark(2)
     s.train(stream.train_stream[0])
     hand = [A1, A2]
     hat.task_masks[0] = [A1.clone(), A2.clone()]
@@ -162,7 +156,7 @@ def test_the_plugin_conditions_the_gradients_and_adds_c_times_eq_5():
 def test_units_task_0_uses_are_bit_identical_after_task_1_with_momentum():
     hat = HAT(c=0.01)  # on 40 samples the paper's c = 0.75 closes every unit
     s = strategy([TaskMask(), hat], hidden=(16, 16), epochs=3)
-    stream = task_stream()
+    stream = task_benchmark(2)
     s.train(stream.train_stream[0])
     net: HATNet = s.model
     l1, l2 = net.masked().linear
@@ -220,7 +214,7 @@ def test_only_the_tasks_in_the_minibatch_get_mask_gradients():
 
 def test_replayed_rows_of_an_old_task_leave_its_embeddings_alone():
     """A mixed minibatch (task 0 rows replayed while task 1 trains): task 0's embeddings get no update."""
-    data = task_stream().train_stream[0].dataset
+    data = task_benchmark(2).train_stream[0].dataset
     replayed = Batch(data.x[:8], data.y[:8], torch.zeros(8, dtype=torch.long))
 
     class Mix(Plugin):
@@ -230,7 +224,7 @@ def test_replayed_rows_of_an_old_task_leave_its_embeddings_alone():
 
     hat = HAT()
     s = strategy([TaskMask(), hat, Mix()], epochs=1)
-    stream = task_stream()
+    stream = task_benchmark(2)
     s.train(stream.train_stream[0])
     e0 = [e.detach().clone() for e in s.model.masked().embeddings[0]]
     s.train(stream.train_stream[1])

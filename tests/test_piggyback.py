@@ -6,12 +6,7 @@ from torch import nn
 from streamcl import ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.plugins.piggyback import Piggyback, PiggybackNet
-from streamcl.scenarios import task_incremental
-from tests.synthetic import blobs
-
-
-def task_stream(n_experiences: int = 3):
-    return task_incremental(blobs(n_classes=2 * n_experiences), blobs(10, 2 * n_experiences, seed=1), n_experiences)
+from tests.synthetic import keeps_first_task, task_benchmark
 
 
 def piggyback_strategy(**kwargs):
@@ -39,7 +34,7 @@ def test_the_mask_thresholds_the_scores_and_passes_the_gradient_straight_through
 
 def test_the_backbone_is_fixed_after_the_first_task_and_only_new_head_rows_train():
     strategy = piggyback_strategy()
-    stream = task_stream().train_stream
+    stream = task_benchmark().train_stream
     strategy.train(stream[0])
     net = strategy.model
     before = {n: p.detach().clone() for n, p in net.model.named_parameters()}
@@ -55,19 +50,13 @@ def test_the_backbone_is_fixed_after_the_first_task_and_only_new_head_rows_train
 
 
 def test_task_zero_scores_the_same_after_later_tasks():
-    strategy = piggyback_strategy()
-    bench = task_stream()
-    strategy.train(bench.train_stream[0])
-    x, t = bench.test_stream[0].dataset.x, torch.zeros(20, dtype=torch.long)
-    before = strategy.predict(x, t)[:, :2]
-    strategy.train(bench.train_stream[1:])
-    assert torch.equal(strategy.predict(x, t)[:, :2], before)
+    assert keeps_first_task(piggyback_strategy(), task_benchmark())
 
 
 def test_without_train_first_every_task_learns_a_mask_over_the_given_model():
     strategy = piggyback_strategy(train_first=False)
     before = {n: p.detach().clone() for n, p in strategy.model.named_parameters() if "head" not in n}
-    strategy.train(task_stream(2).train_stream)
+    strategy.train(task_benchmark(2).train_stream)
     net = strategy.model
     assert all(len(s) == len(net.names) for s in net.scores)
     assert all(torch.equal(p, before[n]) for n, p in net.model.named_parameters() if n in before)
