@@ -3,6 +3,7 @@ solver."""
 from __future__ import annotations
 
 import math
+from time import perf_counter
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,8 @@ class GenerativeReplay(Plugin):
 
     The generator learns every minibatch's inputs (the experience's and the replayed ones: it replays to itself),
     one step of its own Adam (``lr``) per step of the classifier, after the classifier's; its terms are logged as
-    ``loss/<name>`` (``vae_recon``, ``vae_kl``). No sample is stored: the memory cost is the generator's parameters
+    ``loss/<name>`` (``vae_recon``, ``vae_kl``); its training time per experience is ``generator_seconds`` (logged
+    ``dgr/generator_seconds``). No sample is stored: the memory cost is the generator's parameters
     (``memory_floats``; ``equivalent_samples``: as many inputs of the data's size).
 
     Arguments: ``generator`` (``"mlp"``: 784-400-400 and back, ``"conv"`` or a module), ``conditional`` (a
@@ -83,6 +85,8 @@ class GenerativeReplay(Plugin):
         self.per_sample = 0.0  # replayed samples per new sample in this experience
         self.data_shape: tuple = ()
         self._soft_rows: Batch | None = None  # with ``soft``: this step's replayed samples
+        self.generator_seconds: list[float] = []  # per experience: the seconds of the generator's training steps
+        self._clock = 0.0
 
     # ------------------------------------------------------------------------------ set-up per experience
     def _build(self, strategy, experience) -> None:
@@ -184,6 +188,18 @@ class GenerativeReplay(Plugin):
     # ------------------------------------------------------------------------------ the generator learns
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
+        start = perf_counter()
+        self._step(strategy)
+        self._clock += perf_counter() - start
+
+    @hookimpl
+    def after_training_exp(self, strategy) -> None:
+        self.generator_seconds.append(self._clock)
+        strategy.log("dgr/generator_seconds", self._clock)
+        self._clock = 0.0
+
+    def _step(self, strategy) -> None:
+        """One Adam step of the generator on the whole minibatch (new and replayed inputs)."""
         batch = strategy.unaugmented
         parts = [batch.select(slice(0, strategy.n_current)), batch.select(slice(strategy.n_current, len(batch)))]
         if self._soft_rows is not None:
@@ -215,7 +231,8 @@ class GenerativeReplay(Plugin):
                 self.optimizer.state_dict(), "old_generator": self.old_generator,
                 "old_generator_state": None if self.old_generator is None else self.old_generator.state_dict(),
                 "solver": self.solver, "solver_state": None if self.solver is None else self.solver.state_dict(),
-                "old_classes": list(self.old_classes), "per_sample": self.per_sample, "data_shape": self.data_shape}
+                "old_classes": list(self.old_classes), "per_sample": self.per_sample, "data_shape": self.data_shape,
+                "generator_seconds": list(self.generator_seconds), "clock": self._clock}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator = state["generator"]
@@ -227,3 +244,4 @@ class GenerativeReplay(Plugin):
         self.solver = frozen(state["solver"], state["solver_state"])
         self.old_classes, self.per_sample = list(state["old_classes"]), float(state["per_sample"])
         self.data_shape = tuple(state["data_shape"])
+        self.generator_seconds, self._clock = list(state["generator_seconds"]), float(state["clock"])

@@ -121,6 +121,8 @@ def test_a_run_checkpoints_and_resumes_the_generator(tmp_path):
     for p, q in zip(a.generator.parameters(), b.generator.parameters()):
         assert torch.equal(p, q)
     assert a.old_classes == b.old_classes and b.solver is not None and a.memory_floats() == b.memory_floats() > 0
+    assert len(a.generator_seconds) == 2 and all(t > 0 for t in a.generator_seconds)  # one per experience
+    assert b.generator_seconds == a.generator_seconds
 
 
 @pytest.mark.parametrize("kwargs,match", [({"generator": "gan"}, "generator"), ({"ratio": "tasks"}, "ratio"),
