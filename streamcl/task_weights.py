@@ -8,6 +8,7 @@ the weight matrices such techniques mask; :func:`call_per_task` runs a minibatch
 from __future__ import annotations
 
 import inspect
+from abc import ABCMeta, abstractmethod
 from typing import Callable, Mapping
 
 import torch
@@ -70,7 +71,7 @@ def call_per_task(module: nn.Module, x: Tensor, tasks: Tensor, weights_of: Calla
     return out
 
 
-class TaskWeightsNet(nn.Module):
+class TaskWeightsNet(nn.Module, metaclass=ABCMeta):
     """The user's ``model`` run with per-task weights: each row's task label picks a *slot* (the table
     ``slot_of``, a buffer: ``slot_of[t]`` is task ``t``'s slot, -1 for none), and the rows of slot ``s`` run with
     ``weights_of(s)`` (a subclass's; names relative to ``model``). A task label with no slot (never trained, or out
@@ -125,8 +126,9 @@ class TaskWeightsNet(nn.Module):
         slot = self.slot_of.to(device)[t.clamp(0, len(self.slot_of) - 1)]
         return torch.where(inside & (slot >= 0), slot, newest)
 
-    def weights_of(self, slot: int) -> dict[str, Tensor]:  # pragma: no cover - every technique defines its own
-        raise NotImplementedError
+    @abstractmethod
+    def weights_of(self, slot: int) -> dict[str, Tensor]:
+        """Slot ``slot``'s tensors by parameter name in ``model`` (each technique defines its own)."""
 
     def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
         if self.n_slots == 0:
