@@ -13,6 +13,8 @@ from streamcl.plugins.er_ace import ERACE
 from streamcl.plugins.ewc import EWC
 from streamcl.plugins.gdumb import GDumb
 from streamcl.plugins.gem import GEM
+from streamcl.plugins.generative_negative_replay import GenerativeNegativeReplay
+from streamcl.plugins.generative_replay import GenerativeReplay
 from streamcl.plugins.hat import HAT
 from streamcl.plugins.hypernetwork import HyperNetwork
 from streamcl.plugins.latent_replay import LatentReplay
@@ -33,6 +35,6 @@ from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
 __all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "CWR", "CWRStar", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
-           "GDumb", "GEM", "HAT", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
+           "GDumb", "GEM", "GenerativeNegativeReplay", "GenerativeReplay", "HAT", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
            "MultiHead", "NMEClassifier", "PackNet", "Piggyback", "ProgressCompress", "ProgressiveNetworks", "Replay", "SI",
            "SupSup", "TaskMask", "WA"]

@@ -84,7 +84,7 @@ class GenerativeReplay(Plugin):
         self.old_classes: list[int] = []
         self.per_sample = 0.0  # replayed samples per new sample in this experience
         self.data_shape: tuple = ()
-        self._soft_rows: Batch | None = None  # with ``soft``: this step's replayed samples
+        self._extra_rows: Batch | None = None  # generated rows scored outside the minibatch this step
         self.generator_seconds: list[float] = []  # per experience: the seconds of the generator's training steps
         self._clock = 0.0
 
@@ -164,26 +164,37 @@ class GenerativeReplay(Plugin):
         x, y, _ = self.generate(strategy, m)
         return Batch(x, y, torch.zeros_like(y))
 
-    @hookimpl
-    def loss_terms(self, strategy) -> dict[str, Tensor] | None:
-        if self.solver is None or not self.soft:
-            return None
+    def replayed_outside(self, strategy) -> tuple[Batch, Tensor, float] | None:
+        """Generated rows to score outside the minibatch (``soft``, negative replay): this rank's share of ``m``
+        generated samples (labelled by the frozen solver), the solver's logits over the old classes for them, and
+        ``m / n``; ``None`` when nothing is replayed. The generator learns these rows in this step."""
         n = self._global(strategy, strategy.n_current)
         m = self.replay_count(n)
-        if not m:
+        if self.solver is None or not m:
             return None
         x, y, teacher = self.generate(strategy, m)  # the same on every rank: each keeps its share
         mine = dist.shard(torch.arange(m, device=x.device))
-        x, y, teacher = x[mine], y[mine], teacher[mine]
-        self._soft_rows = Batch(x, y, torch.zeros_like(y))  # the generator learns them too
-        out = strategy.forward(self._soft_rows).logits
-        seen = torch.tensor(sorted({*self.old_classes, *strategy.experience.classes}), device=out.device)
-        where = torch.searchsorted(seen, torch.tensor(self.old_classes, device=out.device))
+        self._extra_rows = Batch(x[mine], y[mine], torch.zeros_like(y[mine]))
+        return self._extra_rows, teacher[mine], m / n
+
+    def distillation(self, strategy, logits: Tensor, teacher: Tensor, classes: list[int]) -> Tensor:
+        """``T^2`` times the cross-entropy between the frozen solver's softened outputs over the old classes and the
+        classifier's softened outputs over ``classes`` (restricted to the old ones), mean over the rows."""
+        cols = torch.tensor(sorted(classes), device=logits.device)
+        where = torch.searchsorted(cols, torch.tensor(self.old_classes, device=logits.device))
         T = self.temperature
-        log_q = F.log_softmax(out.index_select(1, seen) / T, 1).index_select(1, where)  # old among all seen
-        target = F.softmax(teacher / T, 1)
-        ce = -(target * log_q).sum(1).mean() * T * T
-        return {"dgr_soft": ce * m / n}
+        log_q = F.log_softmax(logits.index_select(1, cols) / T, 1).index_select(1, where)
+        return -(F.softmax(teacher / T, 1) * log_q).sum(1).mean() * T * T
+
+    @hookimpl
+    def loss_terms(self, strategy) -> dict[str, Tensor] | None:
+        rows = self.replayed_outside(strategy) if self.soft else None
+        if rows is None:
+            return None
+        batch, teacher, weight = rows
+        seen = {*self.old_classes, *strategy.experience.classes}  # old among every class seen
+        logits = strategy.forward(batch).logits
+        return {"dgr_soft": self.distillation(strategy, logits, teacher, sorted(seen)) * weight}
 
     # ------------------------------------------------------------------------------ the generator learns
     @hookimpl
@@ -202,8 +213,8 @@ class GenerativeReplay(Plugin):
         """One Adam step of the generator on the whole minibatch (new and replayed inputs)."""
         batch = strategy.unaugmented
         parts = [batch.select(slice(0, strategy.n_current)), batch.select(slice(strategy.n_current, len(batch)))]
-        if self._soft_rows is not None:
-            parts[1], self._soft_rows = parts[1].cat(self._soft_rows), None
+        if self._extra_rows is not None:
+            parts[1], self._extra_rows = parts[1].cat(self._extra_rows), None
         if strategy.world > 1:  # every rank takes the same step on the whole minibatch, in the one-process order
             parts = [Batch(dist.all_gather(b.x), dist.all_gather(b.y), dist.all_gather(b.t)) for b in parts]
         batch = parts[0].cat(parts[1])

@@ -106,6 +106,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("dgr", "deep generative replay: a VAE learns the stream beside the classifier; its samples, labelled by the "
            "frozen classifier, join every minibatch (no stored sample)",
            lambda generator="mlp", **options: [build_plugin("generative_replay", generator=generator, **options)]),
+    Recipe("gnr", "generative negative replay: a VAE's samples, labelled by the frozen classifier, train only the "
+           "current classes' outputs, as negatives (no stored sample)",
+           lambda generator="mlp", **options: [build_plugin("generative_negative_replay", generator=generator,
+                                                            **options)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",

@@ -101,6 +101,17 @@ def capture_input(module: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def detached_input(module: nn.Module) -> Iterator[None]:
+    """Within the context, ``module`` sees its first input detached: gradients stop at it (they reach
+    ``module``'s own parameters, nothing that computed its input)."""
+    handle = module.register_forward_pre_hook(lambda _module, args: (args[0].detach(), *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def grown_linear(head: nn.Linear, n: int) -> nn.Linear:
     """An ``nn.Linear`` with ``n`` outputs whose first rows are ``head``'s (the rest initialised as nn.Linear does)."""

@@ -8,7 +8,10 @@ from torch import nn
 from streamcl import Batch, ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.models.generators import VAE, conv_vae, mlp_vae
+from streamcl.plugins.generative_negative_replay import GenerativeNegativeReplay, negative_cross_entropy
 from streamcl.plugins.generative_replay import GenerativeReplay
+from streamcl.parts import detached_input
+from tests.conftest import NoHead
 from tests.synthetic import tiny_benchmark
 
 
@@ -64,11 +67,10 @@ def test_samples_come_back_in_the_classifiers_scale_and_shape():
         conv_vae((1, 30, 30))
 
 
-def dgr_strategy(**kwargs):
+def dgr_strategy(kind=GenerativeReplay, **kwargs):
     model = MLP(8, [16], 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return Strategy(model, opt, plugins=[GenerativeReplay(generator="mlp", latent=2, **kwargs)], epochs=1,
-                    batch_size=16, seed=0)
+    return Strategy(model, opt, plugins=[kind(generator="mlp", latent=2, **kwargs)], epochs=1, batch_size=16, seed=0)
 
 
 def test_replayed_samples_are_labelled_by_the_frozen_solver_among_the_old_classes():
@@ -131,3 +133,33 @@ def test_a_run_checkpoints_and_resumes_the_generator(tmp_path):
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         GenerativeReplay(**kwargs)
+
+
+def test_negative_replay_trains_only_the_current_classes_rows_of_the_head():
+    head = nn.Linear(3, 4)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]))
+        head.bias.copy_(torch.tensor([0.0, 0.5, -0.5, 0.0]))
+    f = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])  # old classes; the current ones are 2 and 3
+    with detached_input(head):
+        negative_cross_entropy(head(f), y, (2, 3)).backward()
+    logits = torch.tensor([[1.0, 2.5, -0.5, 3.0], [0.0, -0.5, 2.5, 2.0]])
+    p = logits.softmax(1)
+    assert f.grad is None  # nothing below the head
+    assert torch.equal(head.weight.grad[:2], torch.zeros(2, 3)) and torch.equal(head.bias.grad[:2], torch.zeros(2))
+    for c in (2, 3):  # d/dl_ic of the mean CE is p_ic / 2 (i never labelled c): pushed down on both rows
+        assert torch.allclose(head.weight.grad[c], (p[:, c:c + 1] * f.detach()).sum(0) / 2, atol=1e-6)
+        assert head.bias.grad[c].item() == pytest.approx(p[:, c].sum().item() / 2, rel=1e-5)
+
+
+def test_negative_replay_scores_generated_samples_outside_the_minibatch_and_distils_the_old_outputs():
+    strategy = dgr_strategy(GenerativeNegativeReplay, distill=True)
+    bench = tiny_benchmark(4, 2)
+    strategy.train(bench.train_stream)
+    plugin = strategy.plugins[0]
+    assert plugin.replay_batch(strategy, Batch(torch.zeros(4, 8), torch.full((4,), 2), torch.zeros(4).long())) is None
+    assert set(strategy.loss_terms) == {"task", "gnr", "gnr_distill"}
+    with pytest.raises(ConfigError, match="classifier head"):
+        model = NoHead()
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[GenerativeNegativeReplay()])
