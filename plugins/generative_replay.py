@@ -208,6 +208,36 @@ class GenerativeReplay(Plugin):
         self.generator_seconds.append(self._clock)
         strategy.log("dgr/generator_seconds", self._clock)
         self._clock = 0.0
+        if strategy.logs_images:
+            for c, grid in self.sample_grids(strategy).items():
+                strategy.log_image(f"samples/class{c}", grid)
+
+    def sample_grids(self, strategy, per_class: int = 16) -> dict[int, Tensor]:
+        """A grid of ``per_class`` samples of the generator for every class seen (a class-conditional generator is
+        asked for each class; otherwise the classifier labels 8 draws per sample shown), when the inputs are images
+        (``C x H x W``, or a square number of values); drawn from their own seeded generator (the run's draws do
+        not change)."""
+        from torchvision.utils import make_grid
+
+        shape = self.data_shape
+        side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+        if not (len(shape) == 3 or side * side == (shape[0] if shape else 0)) or self.generator is None:
+            return {}
+        image = shape if len(shape) == 3 else (1, side, side)
+        seen = sorted({c for e in strategy.trained for c in e.classes})
+        draws = torch.Generator().manual_seed((strategy.seed + len(strategy.trained)) % 2**63)
+        self.generator.eval()
+        if getattr(self.generator, "conditional", False):
+            y = torch.tensor(seen).repeat_interleave(per_class).to(strategy.device)
+            x = self.generator.sample(len(y), y, generator=draws).to(strategy.device)
+        else:
+            x = self.generator.sample(8 * per_class * len(seen), None, generator=draws).to(strategy.device)
+            zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            y = strategy.infer(Batch(x.reshape(len(x), *shape), zeros, zeros)).logits.argmax(1)
+        x = x.reshape(len(x), *image).float().cpu()
+        y = y.cpu()
+        return {c: make_grid(x[y == c][:per_class], nrow=8, normalize=True, pad_value=1.0)
+                for c in seen if (y == c).any()}
 
     def _step(self, strategy) -> None:
         """One Adam step of the generator on the whole minibatch (new and replayed inputs)."""

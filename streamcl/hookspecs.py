@@ -44,6 +44,12 @@ def log_value(strategy: Strategy, name: str, value: float, step: int) -> None:
 
 
 @hookspec
+def log_image(strategy: Strategy, name: str, image: Tensor, step: int) -> None:
+    """An image (``C x H x W``, values in [0, 1]) a plugin logged with ``strategy.log_image(name, image)``
+    (loggers write it; a generator's samples)."""
+
+
+@hookspec
 def set_correction(strategy: Strategy, active: bool) -> None:
     """Switch the plugin's bias correction off (``active=False``) or back on; ``strategy.uncorrected()``
     calls it around an evaluation of the uncorrected model (WA, BiC, DER's classifier stage)."""
@@ -214,6 +220,7 @@ def task_loss(strategy: Strategy, loss: Tensor | None, output: Output, batch: Ba
     call it."""
 
 
-EVENTS = tuple(name for name in dir() if name.startswith(("before_", "after_"))) + ("setup", "log_value", "set_correction")
+EVENTS = tuple(name for name in dir() if name.startswith(("before_", "after_"))) + ("setup", "log_value", "log_image",
+                                                                                        "set_correction")
 CONTRIBUTIONS = ("loss_terms", "replay_batch", "train_data", "held_out", "param_groups")
 TRANSFORMS = ("adapt_model", "adapt_logits", "task_loss")

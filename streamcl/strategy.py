@@ -450,6 +450,16 @@ class Strategy:
             hook(strategy=self, name=name, value=float(value), step=self.global_step)
 
     @property
+    def logs_images(self) -> bool:
+        """Whether a logger takes images (a plugin draws them only then)."""
+        return self._hook["log_image"] is not None
+
+    def log_image(self, name: str, image: torch.Tensor) -> None:
+        """Send an image (``C x H x W`` in [0, 1]) to every logger that takes images, at the current step."""
+        if self.logs_images:
+            self._hook["log_image"](strategy=self, name=name, image=image.detach().float().cpu(), step=self.global_step)
+
+    @property
     def corrects(self) -> bool:
         """Whether a plugin corrects the model's bias (implements ``set_correction``)."""
         return self._hook["set_correction"] is not None

@@ -163,3 +163,33 @@ def test_negative_replay_scores_generated_samples_outside_the_minibatch_and_dist
     with pytest.raises(ConfigError, match="classifier head"):
         model = NoHead()
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[GenerativeNegativeReplay()])
+
+
+def test_the_generators_losses_and_a_grid_of_samples_per_class_reach_tensorboard(tmp_path):
+    from streamcl.loggers import TensorBoardLogger
+    from streamcl.scenarios import class_incremental
+    from tests.synthetic import blobs
+    from tests.test_tensorboard import read_events
+
+    def run(loggers, conditional):
+        bench = class_incremental(blobs(n_classes=4, dim=16), blobs(10, 4, dim=16, seed=1), 2)
+        torch.manual_seed(0)
+        model = MLP(16, [16], 4)
+        strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=16, seed=0,
+                            plugins=[GenerativeReplay(latent=2, conditional=conditional)], loggers=loggers)
+        strategy.train(bench.train_stream)
+        strategy.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for conditional in (False, True):
+        log_dir = tmp_path / f"tb{conditional}"
+        weights = run([TensorBoardLogger(log_dir)], conditional)
+        assert all(torch.equal(a, b) for a, b in zip(weights, run([], conditional)))  # drawing images changes nothing
+        acc = read_events(log_dir)
+        assert len(acc.Scalars("loss/vae_recon")) == len(acc.Scalars("loss/task")) > 0
+        assert len(acc.Scalars("dgr/generator_seconds")) == 2
+        images = {tag: acc.Images(tag) for tag in acc.Tags()["images"] if tag.startswith("samples/")}
+        if conditional:  # every class seen, after each experience: 2 then 4
+            assert sorted(images) == [f"samples/class{c}" for c in range(4)]
+            assert [len(images[f"samples/class{c}"]) for c in range(4)] == [2, 2, 1, 1]
+        assert images and all(im.width > 0 and im.height > 0 for ims in images.values() for im in ims)

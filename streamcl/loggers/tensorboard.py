@@ -40,7 +40,9 @@ class TensorBoardLogger:
     measured), ``accuracy/mean`` (their mean), ``accuracy/seen``, ``accuracy/old`` and
     ``accuracy/new`` per trained experience (step: its row of the matrix); ``periodic/exp<j>`` and
     ``periodic/mean`` at the global step, for evaluations that do not record (during training, or
-    ``record=False``). Images: ``accuracy_matrix``. Text: the hyper-parameters, the plugin list and
+    ``record=False``); every scalar a plugin logs with ``strategy.log`` (``loss/vae_recon``, ``wa/factor``) at the
+    global step. Images: ``accuracy_matrix``, and every image a plugin logs with ``strategy.log_image`` (a
+    generator's samples). Text: the hyper-parameters, the plugin list and
     the matrix. HParams: the run's settings with its final metrics, when the run closes.
     """
 
@@ -73,6 +75,14 @@ class TensorBoardLogger:
         for name, value in zip(terms, values):
             self.writer.add_scalar(f"loss/{name}", value, step)
         self.writer.add_scalar("loss/total", sum(values), step)
+
+    @hookimpl
+    def log_value(self, name: str, value: float, step: int) -> None:
+        self.writer.add_scalar(name, value, step)
+
+    @hookimpl
+    def log_image(self, name: str, image: torch.Tensor, step: int) -> None:
+        self.writer.add_image(name, image.clamp(0, 1), step)
 
     @hookimpl
     def after_eval(self, strategy) -> None:
