@@ -1,6 +1,7 @@
 """First-party plugins, one technique per module, built only on streamcl's public API."""
 from streamcl.plugins.agem import AGEM
 from streamcl.plugins.bias_correction import BiasCorrection
+from streamcl.plugins.brain_inspired_replay import BrainInspiredReplay
 from streamcl.plugins.coil import COIL
 from streamcl.plugins.cosine_head import CosineHead
 from streamcl.plugins.cumulative import Cumulative
@@ -34,7 +35,7 @@ from streamcl.plugins.supsup import SupSup
 from streamcl.plugins.task_mask import TaskMask
 from streamcl.plugins.wa import WA
 
-__all__ = ["AGEM", "BiasCorrection", "COIL", "CosineHead", "Cumulative", "CWR", "CWRStar", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
+__all__ = ["AGEM", "BiasCorrection", "BrainInspiredReplay", "COIL", "CosineHead", "Cumulative", "CWR", "CWRStar", "DER", "DarkReplay", "Distill", "ERACE", "EWC", "Ensemble",
            "GDumb", "GEM", "GenerativeNegativeReplay", "GenerativeReplay", "HAT", "HyperNetwork", "LatentReplay", "LessForget", "LwFDistill", "MAS", "MIR", "MarginRanking",
            "MultiHead", "NMEClassifier", "PackNet", "Piggyback", "ProgressCompress", "ProgressiveNetworks", "Replay", "SI",
            "SupSup", "TaskMask", "WA"]

@@ -56,7 +56,8 @@ class GenerativeNegativeReplay(GenerativeReplay):
         terms = {"gnr": negative_cross_entropy(logits, batch.y, strategy.experience.classes) * weight}
         if self.distill:
             logits = strategy.forward(batch).logits
-            terms["gnr_distill"] = self.distillation(strategy, logits, teacher, self.old_classes) * weight
+            terms["gnr_distill"] = self.soft_cross_entropy(logits, teacher, self.old_classes, self.old_classes,
+                                                           self.temperature) * weight
         return terms
 
 

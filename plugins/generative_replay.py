@@ -118,11 +118,16 @@ class GenerativeReplay(Plugin):
             self.per_sample = 0.0
             return
         self.solver, self.old_generator = frozen(strategy.model), frozen(self.generator)
-        if isinstance(self.ratio, str):
-            old = len(set(self.old_classes) - set(exp.classes))
-            self.per_sample = (old / max(1, len(exp.classes))) if self.ratio == "classes" and old else len(earlier)
-        else:
-            self.per_sample = float(self.ratio)
+        self.per_sample = self.per_sample_for(self.ratio, self.old_classes, exp, len(earlier))
+
+    @staticmethod
+    def per_sample_for(ratio: str | float, old_classes: list[int], experience, earlier: int) -> float:
+        """Replayed samples per new one (``ratio``: see the class), given the classes and the number of the
+        experiences trained before ``experience``."""
+        if not isinstance(ratio, str):
+            return float(ratio)
+        old = len(set(old_classes) - set(experience.classes))
+        return old / max(1, len(experience.classes)) if ratio == "classes" and old else float(earlier)
 
     def replay_count(self, n: int) -> int:
         """How many generated samples join a minibatch of ``n`` new ones."""
@@ -177,12 +182,14 @@ class GenerativeReplay(Plugin):
         self._extra_rows = Batch(x[mine], y[mine], torch.zeros_like(y[mine]))
         return self._extra_rows, teacher[mine], m / n
 
-    def distillation(self, strategy, logits: Tensor, teacher: Tensor, classes: list[int]) -> Tensor:
-        """``T^2`` times the cross-entropy between the frozen solver's softened outputs over the old classes and the
-        classifier's softened outputs over ``classes`` (restricted to the old ones), mean over the rows."""
+    @staticmethod
+    def soft_cross_entropy(logits: Tensor, teacher: Tensor, old_classes: list[int], classes: list[int],
+                           temperature: float) -> Tensor:
+        """``T^2`` times the cross-entropy between the teacher's softened outputs over ``old_classes`` (its columns)
+        and the softened ``logits`` over ``classes`` (restricted to the old ones), mean over the rows."""
         cols = torch.tensor(sorted(classes), device=logits.device)
-        where = torch.searchsorted(cols, torch.tensor(self.old_classes, device=logits.device))
-        T = self.temperature
+        where = torch.searchsorted(cols, torch.tensor(old_classes, device=logits.device))
+        T = temperature
         log_q = F.log_softmax(logits.index_select(1, cols) / T, 1).index_select(1, where)
         return -(F.softmax(teacher / T, 1) * log_q).sum(1).mean() * T * T
 
@@ -194,7 +201,8 @@ class GenerativeReplay(Plugin):
         batch, teacher, weight = rows
         seen = {*self.old_classes, *strategy.experience.classes}  # old among every class seen
         logits = strategy.forward(batch).logits
-        return {"dgr_soft": self.distillation(strategy, logits, teacher, sorted(seen)) * weight}
+        return {"dgr_soft": self.soft_cross_entropy(logits, teacher, self.old_classes, sorted(seen),
+                                                    self.temperature) * weight}
 
     # ------------------------------------------------------------------------------ the generator learns
     @hookimpl

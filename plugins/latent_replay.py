@@ -179,9 +179,11 @@ class LatentReplay(Plugin):
         return paths[weighty[-1] - 1]
 
     # ------------------------------------------------------------------------------ the upper part
-    def upper_logits(self, strategy, z: Tensor, t: Tensor | None = None) -> Tensor:
-        """The model's raw logits for latents ``z`` (outputs of the cut module; ``t`` their task labels)."""
-        model = strategy.model
+    def upper_logits(self, strategy, z: Tensor, t: Tensor | None = None, model: nn.Module | None = None) -> Tensor:
+        """The model's raw logits for latents ``z`` (outputs of the cut module; ``t`` their task labels); ``model``:
+        another module of the same architecture (a frozen copy)."""
+        own = model is None or model is strategy.model
+        model = strategy.model if model is None else model
         if self.mode == "chain":
             for path in self.chain[self.chain.index(self.cut) + 1:]:
                 z = model.get_submodule(path)(z)
@@ -196,7 +198,9 @@ class LatentReplay(Plugin):
         try:
             for m in lower:
                 m.training = False
-            return strategy.forward(Batch(x, t, t), net=model, adapt=False).raw
+            if own:
+                return strategy.forward(Batch(x, t, t), net=model, adapt=False).raw
+            return strategy.forward(Batch(x, t, t), model=model, adapt=False).raw
         finally:
             handle.remove()
             for m, mode in zip(lower, modes):

@@ -110,6 +110,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "current classes' outputs, as negatives (no stored sample)",
            lambda generator="mlp", **options: [build_plugin("generative_negative_replay", generator=generator,
                                                             **options)]),
+    Recipe("bir", "brain-inspired replay: a class-conditional VAE learns the hidden representations above a frozen "
+           "lower network; its samples replayed into the upper layers with the previous model's soft targets",
+           lambda **options: [build_plugin("brain_inspired_replay", **options)]),
     Recipe("hypernetwork", "task-conditioned hypernetwork: each task's weights generated from its embedding; an output "
            "regulariser keeps earlier tasks' generated weights (without task labels: each experience a task, inferred "
            "by the lowest predictive entropy)",

@@ -8,6 +8,7 @@ from torch import nn
 from streamcl import Batch, ConfigError, Strategy
 from streamcl.models import MLP
 from streamcl.models.generators import VAE, conv_vae, mlp_vae
+from streamcl.plugins.brain_inspired_replay import BrainInspiredReplay
 from streamcl.plugins.generative_negative_replay import GenerativeNegativeReplay, negative_cross_entropy
 from streamcl.plugins.generative_replay import GenerativeReplay
 from streamcl.parts import detached_input
@@ -193,3 +194,41 @@ def test_the_generators_losses_and_a_grid_of_samples_per_class_reach_tensorboard
             assert sorted(images) == [f"samples/class{c}" for c in range(4)]
             assert [len(images[f"samples/class{c}"]) for c in range(4)] == [2, 2, 1, 1]
         assert images and all(im.width > 0 and im.height > 0 for ims in images.values() for im in ims)
+
+
+def test_a_gaussian_vae_scores_hidden_features_by_half_the_squared_error():
+    vae = tiny_vae()
+    vae.likelihood = "gaussian"
+    x = torch.tensor([[0.8, -3.0]])  # features, not intensities: taken as they are
+    eps = torch.randn(1, 1, generator=torch.Generator().manual_seed(0)).item()
+    z = 0.8 + 0.5 * eps
+    recon = 0.5 * ((2 * z - 0.8) ** 2 + (-z + 1 + 3.0) ** 2)
+    assert vae.loss(x, generator=torch.Generator().manual_seed(0))["vae_recon"].item() == pytest.approx(recon, rel=1e-5)
+    z = torch.randn(1, 1, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(vae.sample(1, generator=torch.Generator().manual_seed(1)), vae.decoder(z))
+
+
+def test_brain_inspired_replay_learns_and_replays_hidden_features_above_a_frozen_lower_layer(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(8, [16, 12], 4)  # cut at backbone.2: the first hidden layer's 16 features
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=16, seed=0,
+                        plugins=[BrainInspiredReplay(latent=2, hidden=[8])], checkpoint_dir=tmp_path)
+    bench = tiny_benchmark(4, 2)
+    strategy.train(bench.train_stream[0])
+    plugin = strategy.plugins[0]
+    assert plugin.cut == "backbone.2" and plugin.generator.shape == (16,) and plugin.generator.conditional
+    lower = model.backbone[1].weight.detach().clone()
+    upper = model.backbone[3].weight.detach().clone()
+    strategy.train(bench.train_stream[1])
+    assert torch.equal(model.backbone[1].weight, lower) and not torch.equal(model.backbone[3].weight, upper)
+    assert set(strategy.loss_terms) == {"task", "bir"} and plugin.old_classes == [0, 1]
+    z = plugin.old_generator.sample(5, torch.tensor([0, 1, 0, 1, 0]))
+    with torch.no_grad():  # the replayed latents go through the layers above the cut, nothing below
+        assert torch.allclose(plugin.upper_logits(strategy, z), model.head(model.backbone[4](model.backbone[3](z))))
+    fresh = MLP(8, [16, 12], 4)
+    other = Strategy(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), epochs=1, batch_size=16, seed=0,
+                     plugins=[BrainInspiredReplay(latent=2, hidden=[8])])
+    other.load_checkpoint(strategy.save_checkpoint())
+    b = other.plugins[0]
+    assert all(torch.equal(p, q) for p, q in zip(plugin.generator.parameters(), b.generator.parameters()))
+    assert b.memory_floats() == plugin.memory_floats() > 0 and b.lower_names == plugin.lower_names

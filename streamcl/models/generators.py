@@ -35,13 +35,19 @@ class VAE(nn.Module):
         vae_recon = sum_pixels BCE(decoder(z), x01),   z = mu + sigma * eps,
         vae_kl    = 1/2 sum_j (sigma_j^2 + (mu_j - m_j)^2 - 1 - log sigma_j^2),
 
-    ``m`` the prior's mean (0, or the class's learned mean)."""
+    ``m`` the prior's mean (0, or the class's learned mean). With ``likelihood="gaussian"`` (hidden features, which
+    are not intensities) ``p(x|z) = N(decoder(z), I)`` on the inputs as they are: ``vae_recon = 1/2 sum (decoder(z) -
+    x)^2``."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, features: int, latent: int, shape: Sequence[int],
-                 n_classes: int | None = None, mean: float = FMNIST_MEAN, std: float = FMNIST_STD):
+                 n_classes: int | None = None, mean: float = FMNIST_MEAN, std: float = FMNIST_STD,
+                 likelihood: str = "bernoulli"):
         super().__init__()
         if latent <= 0 or features <= 0:
             raise ConfigError(f"VAE: latent ({latent}) and features ({features}) must be positive")
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ConfigError(f"VAE likelihood={likelihood!r}: 'bernoulli' (pixels in [0, 1]) or 'gaussian'")
+        self.likelihood = likelihood
         self.encoder, self.decoder = encoder, decoder
         self.to_mu, self.to_logvar = nn.Linear(features, latent), nn.Linear(features, latent)
         self.shape, self.latent = tuple(shape), int(latent)
@@ -52,11 +58,17 @@ class VAE(nn.Module):
             nn.init.normal_(self.prior.weight)
 
     def to_unit(self, x: Tensor) -> Tensor:
-        """The classifier's inputs as intensities in [0, 1]."""
-        return (x.reshape(x.shape[0], *self.shape) * self.std + self.mean).clamp(0, 1)
+        """The classifier's inputs as intensities in [0, 1] (Gaussian: as they are)."""
+        x = x.reshape(x.shape[0], *self.shape)
+        return x if self.likelihood == "gaussian" else (x * self.std + self.mean).clamp(0, 1)
 
     def from_unit(self, u: Tensor) -> Tensor:
-        return (u - self.mean) / self.std
+        return u if self.likelihood == "gaussian" else (u - self.mean) / self.std
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The mean of ``p(x|z)`` in [0, 1] (Bernoulli) or the inputs' own scale (Gaussian)."""
+        out = self.decoder(z).reshape(len(z), *self.shape)
+        return out if self.likelihood == "gaussian" else torch.sigmoid(out)
 
     def prior_mean(self, y: Tensor | None, n: int, like: Tensor) -> Tensor:
         if self.prior is None or y is None:
@@ -69,8 +81,11 @@ class VAE(nn.Module):
         mu, logvar = self.to_mu(h), self.to_logvar(h)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
         z = mu + torch.exp(0.5 * logvar) * eps
-        logits = self.decoder(z).reshape(u.shape)
-        recon = F.binary_cross_entropy_with_logits(logits, u, reduction="none").flatten(1).sum(1).mean()
+        out = self.decoder(z).reshape(u.shape)
+        if self.likelihood == "gaussian":  # unit variance: the log-likelihood up to a constant
+            recon = 0.5 * (out - u).square().flatten(1).sum(1).mean()
+        else:
+            recon = F.binary_cross_entropy_with_logits(out, u, reduction="none").flatten(1).sum(1).mean()
         m = self.prior_mean(y, len(x), mu)
         kl = 0.5 * (logvar.exp() + (mu - m).square() - 1 - logvar).sum(1).mean()
         return {"vae_recon": recon, "vae_kl": kl}
@@ -80,7 +95,7 @@ class VAE(nn.Module):
         like = self.to_mu.weight
         z = torch.randn(n, self.latent, generator=generator, dtype=like.dtype).to(like.device)
         z = z + self.prior_mean(y, n, like)
-        return self.from_unit(torch.sigmoid(self.decoder(z)).reshape(n, *self.shape))
+        return self.from_unit(self.decode(z))
 
 
 def mlp_vae(shape: Sequence[int], hidden: Sequence[int] = (400, 400), latent: int = 100,
