@@ -61,7 +61,6 @@ class BrainInspiredReplay(LatentReplay):
         self._caught: list[Tensor] = []  # the cut's output in this step's training forward
         self._replayed: Batch | None = None  # this step's generated latents, for the generator
         self._handle = None
-        self._catch = False
 
     # ------------------------------------------------------------------------------ per experience
     @hookimpl
@@ -76,19 +75,20 @@ class BrainInspiredReplay(LatentReplay):
         if earlier and self.generator is not None:
             self.solver, self.old_generator = frozen(strategy.model), frozen(self.generator)
             self.per_sample = GenerativeReplay.per_sample_for(self.ratio, self.old_classes, exp, len(earlier))
-        cut = strategy.model.get_submodule(self.cut)
-        self._handle = cut.register_forward_hook(lambda _m, _a, out: self._caught.append(out.detach())
-                                                 if self._catch else None)
-        self._catch = False
 
     @hookimpl
     def before_forward(self, strategy) -> None:
+        """Catch the cut's output in the training forward pass (the generator learns it)."""
         super().before_forward(strategy)
-        self._caught, self._catch = [], True
+        self._caught = []
+        self._handle = strategy.model.get_submodule(self.cut).register_forward_hook(
+            lambda _m, _a, out: self._caught.append(out.detach()))
 
     @hookimpl
     def after_forward(self, strategy) -> None:
-        self._catch = False
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     # ------------------------------------------------------------------------------ replay
     @hookimpl
@@ -152,9 +152,6 @@ class BrainInspiredReplay(LatentReplay):
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
         if self.mode is None:  # how to replay latents, and which parameters lie below the cut
             self._decide(strategy, as_batch(strategy.experience.dataset, strategy.device).select(slice(0, PROBE)))
         self.experiences += 1

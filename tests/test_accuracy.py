@@ -64,6 +64,10 @@ BARS = [
     ("SFM-5", {"name": "dgr"}, 0.68, "issue bar: Avalanche's GenerativeReplay 0.630 + 0.05; no stored sample"),
     ("SFM-5", {"name": "dgr", "conditional": True}, 0.72, "conditional replay (one part of brain-inspired replay: "
                                                          "a class-conditional prior) on the same VAE"),
+    ("SFM-5", {"name": "bir"}, 0.72, "issue bar: brain-inspired replay (internal, conditional, distilled); no stored "
+                                     "sample"),
+    ("SFM-5", {"name": "gnr", "distill": True}, 0.52, "the issue's 'above deep generative replay (0.696) on the same "
+                                                     "generator' is not met: measured 0.542 (0.565, 0.508, 0.553)"),
     ("SFM-5", {"name": "supsup"}, 0.30, "the issue's 0.50 (GN: task inferred, no memory) is not met: measured 0.335 "
                                         "(0.375, 0.314, 0.317; docs/methods.md has the rules tried)"),
 ]
