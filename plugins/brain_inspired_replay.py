@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from streamcl import Batch, distributed as dist, hookimpl
 from streamcl.models.generators import mlp_vae
 from streamcl.plugins.distill import frozen
-from streamcl.plugins.generative_replay import GenerativeReplay
+from streamcl.plugins.generative_replay import GenerativeReplay, generator_state, load_generator_state
 from streamcl.plugins.latent_replay import PROBE, LatentReplay
 from streamcl.scenarios import as_batch
 
@@ -165,23 +165,9 @@ class BrainInspiredReplay(LatentReplay):
         return 0 if self.generator is None else sum(p.numel() for p in self.generator.parameters())
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        for key, module in (("generator", self.generator), ("old_generator", self.old_generator),
-                            ("solver", self.solver)):
-            state[key], state[f"{key}_state"] = module, None if module is None else module.state_dict()
-        return {**state, "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-                "old_classes": list(self.old_classes), "per_sample": self.per_sample, "n_classes": self.n_classes,
-                "generator_seconds": list(self.generator_seconds), "clock": self._clock}
+        return {**super().state_dict(), **generator_state(self), "n_classes": self.n_classes}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.generator = state["generator"]
-        if self.generator is not None:
-            self.generator.load_state_dict(state["generator_state"])
-            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.old_generator = frozen(state["old_generator"], state["old_generator_state"])
-        self.solver = frozen(state["solver"], state["solver_state"])
-        self.old_classes, self.per_sample = list(state["old_classes"]), float(state["per_sample"])
+        load_generator_state(self, state)
         self.n_classes = int(state["n_classes"])
-        self.generator_seconds, self._clock = list(state["generator_seconds"]), float(state["clock"])

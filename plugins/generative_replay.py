@@ -275,22 +275,33 @@ class GenerativeReplay(Plugin):
         return self.memory_floats() / sample_size
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator, "generator_state": None if self.generator is None else
-                self.generator.state_dict(), "optimizer": None if self.optimizer is None else
-                self.optimizer.state_dict(), "old_generator": self.old_generator,
-                "old_generator_state": None if self.old_generator is None else self.old_generator.state_dict(),
-                "solver": self.solver, "solver_state": None if self.solver is None else self.solver.state_dict(),
-                "old_classes": list(self.old_classes), "per_sample": self.per_sample, "data_shape": self.data_shape,
-                "generator_seconds": list(self.generator_seconds), "clock": self._clock}
+        return {**generator_state(self), "data_shape": self.data_shape}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator = state["generator"]
-        if self.generator is not None:
-            self.generator.load_state_dict(state["generator_state"])
-            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.old_generator = frozen(state["old_generator"], state["old_generator_state"])
-        self.solver = frozen(state["solver"], state["solver_state"])
-        self.old_classes, self.per_sample = list(state["old_classes"]), float(state["per_sample"])
+        load_generator_state(self, state)
         self.data_shape = tuple(state["data_shape"])
-        self.generator_seconds, self._clock = list(state["generator_seconds"]), float(state["clock"])
+
+
+def generator_state(plugin) -> dict:
+    """A generative-replay plugin's state: its generator (module and weights) with its Adam, the frozen generator
+    and solver, the old classes, the ratio and the generator's seconds (``memory_floats`` counts the generator)."""
+    state = {}
+    for key in ("generator", "old_generator", "solver"):
+        module = getattr(plugin, key)
+        state[key], state[f"{key}_state"] = module, None if module is None else module.state_dict()
+    return {**state, "optimizer": None if plugin.optimizer is None else plugin.optimizer.state_dict(),
+            "old_classes": list(plugin.old_classes), "per_sample": plugin.per_sample,
+            "generator_seconds": list(plugin.generator_seconds), "clock": plugin._clock}
+
+
+def load_generator_state(plugin, state: dict) -> None:
+    """Restore what :func:`generator_state` saved (the generator's Adam rebuilt at ``plugin.lr``)."""
+    plugin.generator = state["generator"]
+    if plugin.generator is not None:
+        plugin.generator.load_state_dict(state["generator_state"])
+        plugin.optimizer = torch.optim.Adam(plugin.generator.parameters(), lr=plugin.lr)
+        plugin.optimizer.load_state_dict(state["optimizer"])
+    plugin.old_generator = frozen(state["old_generator"], state["old_generator_state"])
+    plugin.solver = frozen(state["solver"], state["solver_state"])
+    plugin.old_classes, plugin.per_sample = list(state["old_classes"]), float(state["per_sample"])
+    plugin.generator_seconds, plugin._clock = list(state["generator_seconds"]), float(state["clock"])
