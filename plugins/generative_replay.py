@@ -34,21 +34,22 @@ class GenerativeReplay(Plugin):
     cross-entropy between the frozen solver's softened outputs over the old classes (temperature ``temperature``)
     and the classifier's softened outputs over every class seen, times ``T^2`` (the solver's outputs as targets).
 
-    The generator learns every minibatch's inputs (the experience's and the replayed ones: it replays to itself),
-    one step of its own Adam (``lr``) per step of the classifier, after the classifier's; its terms are logged as
+    The generator learns every minibatch's new inputs and the samples it generated for it (it replays to itself;
+    a class-conditional generator learns its samples under the classes they were drawn for, not the solver's
+    labels, so that its classes do not drift with the solver's errors), one step of its own Adam (``lr``) per step of the classifier, after the classifier's; its terms are logged as
     ``loss/<name>`` (``vae_recon``, ``vae_kl``); its training time per experience is ``generator_seconds`` (logged
     ``dgr/generator_seconds``). No sample is stored: the memory cost is the generator's parameters
     (``memory_floats``; ``equivalent_samples``: as many inputs of the data's size).
 
-    Arguments: ``generator`` (``"mlp"``: 784-400-400 and back, ``"conv"`` or a module), ``conditional`` (a
-    class-conditional VAE prior), ``latent`` (8: measured, docs/methods.md; van de Ven et al.'s VAE has 100),
+    Arguments: ``generator`` (``"mlp"``: 784-400-400 and back, ``"conv"`` or a module), ``conditional`` (``True``: a
+    class-conditional VAE prior; ``"label"``: a conditional VAE, the label fed to its encoder and decoder), ``latent`` (8: measured, docs/methods.md; van de Ven et al.'s VAE has 100),
     ``ratio``, ``max_replay``, ``soft``, ``temperature``, ``lr`` (Adam's, 1e-3), ``hidden`` (the MLP VAE's widths;
     SFM-5 seed 0: [256, 256] 0.672, [200] 0.686, against 0.700). It owns the role ``generator``.
     """
 
     owns = frozenset({"generator"})
 
-    def __init__(self, generator: str | nn.Module = "mlp", conditional: bool = False, latent: int = 8,
+    def __init__(self, generator: str | nn.Module = "mlp", conditional: bool | str = False, latent: int = 8,
                  ratio: str | float = "classes", max_replay: int | None = None, soft: bool = False,
                  temperature: float = 2.0, lr: float = 1e-3, hidden: list[int] | None = None):
         if not isinstance(generator, nn.Module) and generator not in GENERATORS:
@@ -58,6 +59,9 @@ class GenerativeReplay(Plugin):
                                                      and callable(getattr(generator, "sample", None))):
             raise ConfigError(f"generative_replay: {type(generator).__name__} has no loss(x, y) and sample(n, y, "
                               "generator) methods, which a generator needs")
+        if conditional not in (False, True, "label"):
+            raise ConfigError(f"generative_replay conditional={conditional!r}: false, true (a learned prior mode per "
+                              "class) or 'label' (the label fed to the VAE's encoder and decoder)")
         if not (ratio in RATIOS or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
                                     and 0 <= ratio < math.inf)):
             raise ConfigError(f"generative_replay ratio={ratio!r}: 'classes', 'experiences' or a number >= 0 "
@@ -84,7 +88,7 @@ class GenerativeReplay(Plugin):
         self.old_classes: list[int] = []
         self.per_sample = 0.0  # replayed samples per new sample in this experience
         self.data_shape: tuple = ()
-        self._extra_rows: Batch | None = None  # generated rows scored outside the minibatch this step
+        self._own_rows: Batch | None = None  # this step's generated samples, all ranks', for the generator
         self.generator_seconds: list[float] = []  # per experience: the seconds of the generator's training steps
         self._clock = 0.0
 
@@ -97,6 +101,8 @@ class GenerativeReplay(Plugin):
             head = getattr(strategy, "_head", None)
             n_classes = max(int(getattr(head, "out_features", 0) or 0), max(experience.classes) + 1)
             kwargs = {"n_classes": n_classes} if self.conditional else {}
+            if self.conditional == "label":
+                kwargs["condition"] = "label"
             if self.hidden is not None and self.kind == "mlp":
                 kwargs["hidden"] = self.hidden
             seed = int(torch.randint(2**62, (1,), generator=strategy.generator))
@@ -136,19 +142,23 @@ class GenerativeReplay(Plugin):
 
     # ------------------------------------------------------------------------------ replay
     def generate(self, strategy, m: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``m`` samples of the old generator, the frozen solver's labels for them and its logits (old classes)."""
-        y = None
+        """``m`` samples of the old generator, the frozen solver's labels for them and its logits (old classes).
+        The samples with the classes they were drawn for (a class-conditional generator; else the solver's labels)
+        are kept for the generator's own step."""
+        drawn = None
         if getattr(self.old_generator, "conditional", False):
             old = torch.tensor(self.old_classes)
-            y = old[torch.randint(len(old), (m,), generator=strategy.generator)].to(strategy.device)
-        x = self.old_generator.sample(m, y, generator=strategy.generator).to(strategy.device)
+            drawn = old[torch.randint(len(old), (m,), generator=strategy.generator)].to(strategy.device)
+        x = self.old_generator.sample(m, drawn, generator=strategy.generator).to(strategy.device)
         x = x.reshape(m, *self.data_shape)
         t = torch.zeros(m, dtype=torch.long, device=strategy.device)
         with torch.no_grad():
             logits = strategy.forward(Batch(x, torch.zeros_like(t), t), model=self.solver).logits
         old = torch.tensor(self.old_classes, device=logits.device)
         logits = logits.index_select(1, old)
-        return x, old[logits.argmax(1)], logits
+        y = old[logits.argmax(1)]
+        self._own_rows = Batch(x, y if drawn is None else drawn, t)  # the same on every rank
+        return x, y, logits
 
     @staticmethod
     def _global(strategy, n: int) -> int:
@@ -179,8 +189,7 @@ class GenerativeReplay(Plugin):
             return None
         x, y, teacher = self.generate(strategy, m)  # the same on every rank: each keeps its share
         mine = dist.shard(torch.arange(m, device=x.device))
-        self._extra_rows = Batch(x[mine], y[mine], torch.zeros_like(y[mine]))
-        return self._extra_rows, teacher[mine], m / n
+        return Batch(x[mine], y[mine], torch.zeros_like(y[mine])), teacher[mine], m / n
 
     @staticmethod
     def soft_cross_entropy(logits: Tensor, teacher: Tensor, old_classes: list[int], classes: list[int],
@@ -248,14 +257,13 @@ class GenerativeReplay(Plugin):
                 for c in seen if (y == c).any()}
 
     def _step(self, strategy) -> None:
-        """One Adam step of the generator on the whole minibatch (new and replayed inputs)."""
-        batch = strategy.unaugmented
-        parts = [batch.select(slice(0, strategy.n_current)), batch.select(slice(strategy.n_current, len(batch)))]
-        if self._extra_rows is not None:
-            parts[1], self._extra_rows = parts[1].cat(self._extra_rows), None
+        """One Adam step of the generator on the minibatch's new inputs and its own generated ones (labelled with
+        the classes they were drawn for, when conditional): it replays to itself."""
+        new = strategy.unaugmented.select(slice(0, strategy.n_current))
         if strategy.world > 1:  # every rank takes the same step on the whole minibatch, in the one-process order
-            parts = [Batch(dist.all_gather(b.x), dist.all_gather(b.y), dist.all_gather(b.t)) for b in parts]
-        batch = parts[0].cat(parts[1])
+            new = Batch(dist.all_gather(new.x), dist.all_gather(new.y), dist.all_gather(new.t))
+        batch = new if self._own_rows is None else new.cat(self._own_rows)
+        self._own_rows = None
         self.generator.train()
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.generator.loss(batch.x, batch.y if getattr(self.generator, "conditional", False) else None,
