@@ -66,6 +66,8 @@ BARS = [
                                                          "a class-conditional prior) on the same VAE"),
     ("SFM-5", {"name": "dgr", "conditional": "label", "lr": 0.003}, 0.74, "a conditional VAE (the label fed to its "
                                                                           "encoder and decoder): measured 0.762"),
+    ("PFM-5", {"name": "dgr", "conditional": "label", "lr": 0.003, "soft": True}, 0.79,
+     "issue bar (PFM-5, deep generative replay): a conditional VAE, the frozen solver's soft targets; measured 0.807"),
     ("SFM-5", {"name": "bir"}, 0.72, "issue bar: brain-inspired replay (internal, conditional, distilled); no stored "
                                      "sample"),
     ("SFM-5", {"name": "gnr", "distill": True}, 0.52, "the issue's 'above deep generative replay (0.696) on the same "
