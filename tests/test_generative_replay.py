@@ -130,10 +130,24 @@ def test_a_run_checkpoints_and_resumes_the_generator(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [({"generator": "gan"}, "generator"), ({"ratio": "tasks"}, "ratio"),
                                           ({"lr": 0}, "lr"), ({"latent": 0}, "latent"),
-                                          ({"generator": nn.Linear(2, 2)}, "loss")])
+                                          ({"generator": nn.Linear(2, 2)}, "loss"),
+                                          ({"conditional": "decoder"}, "conditional")])
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         GenerativeReplay(**kwargs)
+    with pytest.raises(ConfigError, match=match):
+        GenerativeNegativeReplay(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"latent": 0}, "latent"), ({"hidden": [0]}, "hidden"),
+                                          ({"lower_lr": -1}, "lower_lr"), ({"layer": 0}, "layer"),
+                                          ({"temperature": 0}, "temperature")])
+def test_brain_inspired_replay_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        BrainInspiredReplay(**kwargs)
+    model = MLP(8, [16], 4)
+    with pytest.raises(ConfigError, match="nowhere"):  # a cut the model does not have, named at construction
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[BrainInspiredReplay(layer="nowhere")])
 
 
 def test_negative_replay_trains_only_the_current_classes_rows_of_the_head():
