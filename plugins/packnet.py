@@ -5,9 +5,9 @@ import torch
 from torch import Tensor, nn
 
 from streamcl import ConfigError, Plugin, hookimpl
-from streamcl.parts import check_first, model_as
+from streamcl.parts import model_as
 from streamcl.scenarios import as_batch
-from streamcl.task_weights import TaskWeightsNet, earlier_classes, hold_rows, maskable
+from streamcl.task_weights import TaskWeightsNet, earlier_classes, hold_rows, maskable, task_label
 
 
 class PackNetNet(TaskWeightsNet):
@@ -111,13 +111,9 @@ class PackNet(Plugin):
     # ------------------------------------------------------------------------------ a new task
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
-        if not isinstance(model, PackNetNet):
-            check_first(strategy, model, "packnet", "wraps")
-            model = PackNetNet(model, strategy.head_path, maskable(model, "packnet"))
+        model, _ = PackNetNet.around(strategy, model, "packnet")
         model.fit_shapes()
-        tasks = [0 if experience.task is None else int(experience.task)]
-        if tasks[0] < 0:
-            raise ConfigError(f"packnet: task label {tasks[0]} in {experience!r}; task labels must be >= 0")
+        tasks = [task_label(experience, "packnet")]
         first = model.n_slots == 0
         model.norm_fixed = not first  # normalisation statistics fixed with the biases after the first task
         model.open.fill_(model.new_slot(tasks))

@@ -7,8 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from streamcl import ConfigError, Plugin, hookimpl
-from streamcl.parts import check_first
-from streamcl.task_weights import TaskWeightsNet, hold_rows, maskable, straight_through
+from streamcl.task_weights import TaskWeightsNet, hold_rows, maskable, straight_through, task_label
 
 
 class PiggybackNet(TaskWeightsNet):
@@ -96,12 +95,8 @@ class Piggyback(Plugin):
 
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
-        if not isinstance(model, PiggybackNet):
-            check_first(strategy, model, "piggyback", "wraps")
-            model = PiggybackNet(model, strategy.head_path, maskable(model, "piggyback"), self.threshold)
-        task = 0 if experience.task is None else int(experience.task)
-        if task < 0:
-            raise ConfigError(f"piggyback: task label {task} in {experience!r}; task labels must be >= 0")
+        model, _ = PiggybackNet.around(strategy, model, "piggyback", self.threshold)
+        task = task_label(experience, "piggyback")
         dense = self.train_first and model.n_slots == 0
         model.norm_fixed = not dense
         slot = model.add_slot([task], dense, self.init)

@@ -10,8 +10,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from streamcl import ConfigError, Plugin, hookimpl
-from streamcl.parts import check_first
-from streamcl.task_weights import TaskWeightsNet, maskable, straight_through
+from streamcl.task_weights import TaskWeightsNet, maskable, straight_through, task_label
 
 
 def top_fraction(scores: Tensor, density: float) -> Tensor:
@@ -169,14 +168,11 @@ class SupSup(Plugin):
 
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
-        if not isinstance(model, SupSupNet):
-            check_first(strategy, model, "supsup", "wraps")
-            model = SupSupNet(model, strategy.head_path, maskable(model, "supsup"), self.density, self.infer)
+        model, new = SupSupNet.around(strategy, model, "supsup", self.density, self.infer)
+        if new:
             self._fix_weights(model, strategy.generator)
             model.norm_fixed = True
-        task = 0 if experience.task is None else int(experience.task)
-        if task < 0:
-            raise ConfigError(f"supsup: task label {task} in {experience!r}; task labels must be >= 0")
+        task = task_label(experience, "supsup")
         model.infer_tasks = experience.task is None
         slot = model.add_slot([task], sorted(int(c) for c in experience.classes), strategy.generator)
         for k, scores in enumerate(model.scores):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from streamcl.errors import ConfigError
-from streamcl.parts import capture_input
+from streamcl.parts import capture_input, check_first
 
 # layers whose ``weight`` is a matrix (or a kernel) over its inputs: what weight masks act on
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -89,6 +89,16 @@ class TaskWeightsNet(nn.Module, metaclass=ABCMeta):
         self.route: Tensor | None = None
         self.norm_fixed = False
 
+    @classmethod
+    def around(cls, strategy, model: nn.Module, who: str, *args) -> tuple[TaskWeightsNet, bool]:
+        """In ``adapt_model``: ``model`` if it is already a ``cls``, else ``model`` (refused unless it is
+        ``strategy.model``) wrapped as ``cls(model, head_path, maskable(model, who), *args)``; and whether it was
+        wrapped now."""
+        if isinstance(model, cls):
+            return model, False
+        check_first(strategy, model, who, "wraps")
+        return cls(model, strategy.head_path, maskable(model, who), *args), True
+
     def train(self, mode: bool = True) -> TaskWeightsNet:
         super().train(mode)
         if self.norm_fixed:
@@ -140,6 +150,14 @@ class TaskWeightsNet(nn.Module, metaclass=ABCMeta):
             weights = {k: torch.stack([w[k] for w in table]).index_select(0, slots[:1])[0] for k in table[0]}
             return functional_call(self.model, weights, (x,), kwargs)
         return call_per_task(self.model, x, slots, self.weights_of, self.head_path, **kwargs)
+
+
+def task_label(experience, who: str) -> int:
+    """The experience's task label (0 when it has none), refused when negative."""
+    task = 0 if experience.task is None else int(experience.task)
+    if task < 0:
+        raise ConfigError(f"{who}: task label {task} in {experience!r}; task labels must be >= 0")
+    return task
 
 
 def straight_through(binary: Tensor, scores: Tensor) -> Tensor:
