@@ -19,6 +19,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _INT, _NUM, _STR, _BOOL, _INTS = (int,), (int, float), (str,), (bool,), "list[int]"
+_TABLE, _PATH_OR_BOOL = (dict,), (bool, str)
 
 # section -> key -> (accepted types, default); None as default means "absent unless given".
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -26,9 +27,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "name": (_STR, "split-fmnist"), "scenario": (_STR, "class"), "n_experiences": (_INT, 5),
         "class_order": (_INTS, None), "classes_per_exp": (_INT, None), "first_exp_classes": (_INT, None),
         "class_seed": (_INT, None), "root": (_STR, None),
-        "task_labels": (_BOOL, False),
+        "task_labels": (_BOOL, False), "train_range": (_INTS, None),
     },
-    "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False)},
+    "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False),
+              "pretrained": (_PATH_OR_BOOL, False), "checkpoint": (_STR, None), "args": (_TABLE, None)},
     "train": {
         "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
         "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
@@ -42,7 +44,6 @@ TABLES = ("method",)
 CHOICES = {
     ("benchmark", "name"): ("split-fmnist", "permuted-fmnist"),
     ("benchmark", "scenario"): ("class", "task", "domain"),
-    ("model", "name"): ("mlp", "cnn"),
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "augment"): ("crop_flip",),
     ("train", "device"): None,  # any torch device string
@@ -58,7 +59,13 @@ PROTOCOLS = {
     "PFM-5": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain"}},
     # PFM-5 with experience k given task label k at train and test time (methods that need the task label)
     "PFM-5-TL": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain", "task_labels": True}},
+    # SFM-5 on training images 30,000-59,999, from the vision transformer pre-trained on images 0-29,999
+    "PT-SFM-5": {"benchmark": {"train_range": [30000, 60000]},
+                 "model": {"name": "timm:vit_tiny_patch16_224", "checkpoint": "pt-sfm-5",
+                           "args": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4,
+                                    "num_heads": 4, "mlp_ratio": 4.0}}},
 }
+MODELS = ("mlp", "cnn", "timm:<name>")
 
 
 def defaults() -> dict[str, Any]:
@@ -114,6 +121,7 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
     if any(h < 1 for h in cfg["model"]["hidden"]):
         raise ConfigError(f"'model.hidden' = {cfg['model']['hidden']!r}: every layer needs at least one unit")
     _check_device(cfg["train"]["device"])
+    _check_model(cfg["model"])
     bench = cfg["benchmark"]
     if bench["scenario"] not in SCENARIOS[bench["name"]]:
         raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
@@ -121,7 +129,18 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
     if bench.get("task_labels") and bench["name"] != "permuted-fmnist":
         raise ConfigError("benchmark.task_labels = true gives the permuted stream's experiences task labels; "
                           f"for {bench['name']} use benchmark.scenario = 'task'")
+    span = bench.get("train_range")
+    if span is not None and not (len(span) == 2 and 0 <= span[0] < span[1]):
+        raise ConfigError(f"'benchmark.train_range' = {span!r} must be [first, end] training images, 0 <= first < end")
     return cfg
+
+
+def _check_model(m: dict) -> None:
+    name = m["name"]
+    if name not in ("mlp", "cnn") and not (name.startswith("timm:") and len(name) > 5):
+        raise ConfigError(f"'model.name' = {name!r} is not one of: {', '.join(MODELS)}")
+    if not name.startswith("timm:") and (m.get("args") or m["pretrained"] is not False):
+        raise ConfigError("'model.pretrained' and 'model.args' are for timm models (model.name = 'timm:<name>')")
 
 
 def _check_train(t: dict) -> None:

@@ -23,8 +23,9 @@ from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
 from streamcl.models import MLP, SmallCNN
+from streamcl.models.backbones import load_backbone, timm_model
 from streamcl.registry import build_plugin
-from streamcl.scenarios import Benchmark, class_incremental, domain_incremental
+from streamcl.scenarios import Benchmark, TensorData, class_incremental, domain_incremental
 from streamcl.strategy import Strategy
 
 
@@ -114,6 +115,11 @@ def check_permuted(train, test, n: int) -> None:
 def build_benchmark(cfg: dict) -> Benchmark:
     b = cfg["benchmark"]
     train, test = fashion_mnist(b.get("root"))
+    if b.get("train_range"):
+        first, end = b["train_range"]
+        if end > len(train):
+            raise ConfigError(f"benchmark.train_range = {b['train_range']}: {b['name']} has {len(train)} training images")
+        train = TensorData(train.x[first:end], train.y[first:end])
     if b["name"] == "permuted-fmnist":
         check_permuted(train, test, b["n_experiences"])
         return domain_incremental(train, test, b["n_experiences"], task_labels=b["task_labels"])
@@ -122,11 +128,18 @@ def build_benchmark(cfg: dict) -> Benchmark:
                              first_exp_classes=b.get("first_exp_classes"), task_labels=b["scenario"] == "task")
 
 
-def build_model(cfg: dict, n_classes: int, n_features: int) -> nn.Module:
+def build_model(cfg: dict, n_classes: int, sample_shape: tuple[int, ...]) -> nn.Module:
+    """The model ``[model]`` names, with the weights of ``model.checkpoint`` (all but the head's) if given."""
     m = cfg["model"]
-    if m["name"] == "cnn":
-        return SmallCNN(1, n_classes, growing=m["growing"])
-    return MLP(n_features, m["hidden"], n_classes, growing=m["growing"])
+    if m["name"].startswith("timm:"):
+        model = timm_model(m["name"][5:], n_classes, sample_shape, pretrained=m["pretrained"], args=m.get("args"))
+    elif m["name"] == "cnn":
+        model = SmallCNN(1, n_classes, growing=m["growing"])
+    else:
+        model = MLP(math.prod(sample_shape), m["hidden"], n_classes, growing=m["growing"])
+    if m.get("checkpoint"):
+        load_backbone(model, m["checkpoint"])
+    return model
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -176,8 +189,7 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
     sample_shape = tuple(bench.train_stream[0].dataset[0][0].shape)
-    n_features = math.prod(sample_shape)
-    model = build_model(cfg, bench.n_classes, n_features) if model is None else model
+    model = build_model(cfg, bench.n_classes, sample_shape) if model is None else model
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes

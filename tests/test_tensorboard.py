@@ -138,7 +138,7 @@ def test_plugin_loss_term_is_logged(tmp_path):
     cfg = config.parse({})
     torch.manual_seed(0)
     bench = runner.build_benchmark(cfg)
-    model = runner.build_model(cfg, bench.n_classes, 784)
+    model = runner.build_model(cfg, bench.n_classes, (784,))
     strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), plugins=[L2(weight=1e-3)],
                         epochs=1, batch_size=128, eval_batch_size=512, seed=0,
                         loggers=[TensorBoardLogger(tmp_path / "tb")])
