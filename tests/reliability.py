@@ -33,12 +33,43 @@ UNITS = [(f"plugin:{n}", plugin_part(n)) for n in BUILTIN_PLUGINS] + \
 TASK_UNITS = ("plugin:multi_head", "method:multihead", "plugin:progressive_networks", "method:pnn", "plugin:hat",
               "method:hat")
 UNITS += [(f"{label}:task", {**part, "benchmark": {"scenario": "task"}}) for label, part in UNITS if label in TASK_UNITS]
+# plugins and recipes that prompt a vision transformer (refused at construction on a model without a timm ViT) run on
+# TinyViT instead of the config's MLP
+VIT_PLUGINS, VIT_METHODS = ("l2p", "dual_prompt"), ("l2p", "dualprompt")
 if os.environ.get("STREAMCL_TEST_UNITS"):
     UNITS = [u for u in UNITS if u[0] in os.environ["STREAMCL_TEST_UNITS"].split(",")]
 
 
 class Crash(Exception):
     """Stands for the process dying: nothing after it runs."""
+
+
+class TinyViT(torch.nn.Module):
+    """A user's input-resizing wrapper around a timm ViT: the tiny stream's 8 features as a 1 x 2 x 4 image, a token per
+    feature (patch 1), 3 blocks of width 16."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+        self.vit = VisionTransformer(img_size=(2, 4), patch_size=1, in_chans=1, num_classes=n_classes, embed_dim=16,
+                                     depth=3, num_heads=2, mlp_ratio=2.0)
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.vit.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x.reshape(len(x), 1, 2, 4))
+
+
+def tiny_model(part: dict, n_classes: int) -> torch.nn.Module | None:
+    """A :class:`TinyViT` (drawn from seed 0) when ``part`` lists a plugin or recipe that needs a ViT, else ``None``
+    (the config's own model)."""
+    names = {p.get("name") for p in part.get("plugins", [])}
+    if not (names & set(VIT_PLUGINS) or part.get("method", {}).get("name") in VIT_METHODS):
+        return None
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TinyViT(n_classes)
 
 
 def tiny_config(part: dict, checkpoint_every: int = 3, seed: int = 0) -> dict:
@@ -58,7 +89,7 @@ def tiny_benchmark(n_experiences: int = 3, task_labels: bool = False):
 def tiny_run(part: dict, out=None, resume: bool = False, n_experiences: int = 3, **kwargs) -> dict:
     task = part.get("benchmark", {}).get("scenario") == "task"
     return runner.run(tiny_config(part, **kwargs), out, resume=resume,
-                      benchmark=tiny_benchmark(n_experiences, task_labels=task))
+                      benchmark=tiny_benchmark(n_experiences, task_labels=task), model=tiny_model(part, 2 * n_experiences))
 
 
 def crash_at_step(monkeypatch, step: int) -> None:

@@ -24,7 +24,10 @@ REFUSED: dict[tuple[str, str], str] = {
     **{(unit, model): LATERALS for unit in ("plugin:progress_compress", "method:progress_compress",
                                             "plugin:progressive_networks", "method:pnn",
                                             "plugin:progressive_networks:task", "method:pnn:task")
-       for model in ("resnet18", "vit")}}
+       for model in ("resnet18", "vit")},
+    **{(unit, model): "needs a timm VisionTransformer" for unit in ("plugin:l2p", "method:l2p", "plugin:dual_prompt",
+                                                                    "method:dualprompt")
+       for model in ("mlp", "sequential", "resnet18")}}
 
 
 def _build(part: dict, model_name: str):

@@ -16,12 +16,13 @@ from streamcl.plugins.latent_replay import LatentReplay
 from streamcl.plugins.mir import MIR
 from streamcl.plugins.replay import Replay
 from streamcl.scenarios import Experience, TensorData, class_incremental
+from tests.reliability import tiny_model
 from tests.synthetic import blobs
 
 
-def make(plugins, n_classes=4, lr=0.1):
+def make(plugins, n_classes=4, lr=0.1, model=None):
     torch.manual_seed(0)
-    model = MLP(8, [16], n_classes)
+    model = MLP(8, [16], n_classes) if model is None else model
     return Strategy(model, torch.optim.SGD(model.parameters(), lr=lr), plugins=plugins, batch_size=8, epochs=1, seed=0)
 
 
@@ -43,7 +44,7 @@ QUICK = {"gdumb": {"epochs": 1}, "der": {"classifier_epochs": 1}}  # their own r
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_runs_on_an_experience_lacking_one_of_its_classes(name, kind):
     plugins, _ = build_method(name, **QUICK.get(name, {}))
-    s = make(plugins)
+    s = make(plugins, model=tiny_model({"method": {"name": name}}, 4))  # a ViT for the prompt methods
     stream = lacking_stream(kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # penalty caps, hypernetwork notes: not the point here
