@@ -144,6 +144,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "pre-trained ViT; at test the E-prompt whose key matches the [CLS] feature", lambda g_length=5, e_length=20,
            lambda_=1.0, **options: [build_plugin("dual_prompt", g_length=g_length, e_length=e_length, lambda_=lambda_,
                                                  **options)]),
+    Recipe("seq_ft", "sequential fine-tuning of a pre-trained model: every parameter at the optimizer's one learning rate "
+           "(naive, named as the pre-trained-model papers name it)", lambda: []),
+    Recipe("slow_learner", "SLCA's slow learner: the representation at a learning rate 100x below the classifier head's",
+           lambda backbone_lr=1e-4, head_lr=1e-2: [build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr)]),
+    Recipe("slca", "slow learner with classifier alignment: the slow learner, then after each experience the head "
+           "re-trained on features drawn from every seen class's Gaussian", lambda backbone_lr=1e-4, head_lr=1e-2, **options: [
+               build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr),
+               build_plugin("classifier_alignment", **options)]),
+    Recipe("joint_linear", "a linear classifier on the frozen (pre-trained) features, trained once on the whole stream "
+           "joined (the upper reference of a linear probe)", lambda head_lr=1e-2: [
+               build_plugin("slow_learner", backbone_lr=0.0, head_lr=head_lr)], offline=True),
 )}
 
 
