@@ -146,15 +146,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                                                  **options)]),
     Recipe("seq_ft", "sequential fine-tuning of a pre-trained model: every parameter at the optimizer's one learning rate "
            "(naive, named as the pre-trained-model papers name it)", lambda: []),
-    Recipe("slow_learner", "SLCA's slow learner: the representation at a learning rate 100x below the classifier head's",
-           lambda backbone_lr=1e-4, head_lr=1e-2: [build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr)]),
+    Recipe("slow_learner", "SLCA's slow learner: the representation at a learning rate 100x below the classifier head's; "
+           "the loss over the current experience's classes", lambda backbone_lr=1e-4, head_lr=1e-2: [
+               build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr), build_plugin("current_classes")]),
     Recipe("slca", "slow learner with classifier alignment: the slow learner, then after each experience the head "
            "re-trained on features drawn from every seen class's Gaussian", lambda backbone_lr=1e-4, head_lr=1e-2, **options: [
-               build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr),
+               build_plugin("slow_learner", backbone_lr=backbone_lr, head_lr=head_lr), build_plugin("current_classes"),
                build_plugin("classifier_alignment", **options)]),
     Recipe("joint_linear", "a linear classifier on the frozen (pre-trained) features, trained once on the whole stream "
            "joined (the upper reference of a linear probe)", lambda head_lr=1e-2: [
                build_plugin("slow_learner", backbone_lr=0.0, head_lr=head_lr)], offline=True),
+    Recipe("replay_ca", "experience replay with classifier alignment (SLCA's second stage added to another method)",
+           lambda memory=500, **options: [build_plugin("replay", memory=memory),
+                                          build_plugin("classifier_alignment", **options)]),
+    Recipe("lwf_ca", "LwF distillation with classifier alignment (SLCA's second stage added to another method)",
+           lambda weight=0.25, **options: [build_plugin("lwf", weight=weight),
+                                           build_plugin("classifier_alignment", **options)]),
 )}
 
 

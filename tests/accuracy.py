@@ -5,7 +5,9 @@ accuracy test with ``STREAMCL_RECORD_ACCURACY=1``, writing one file per run unde
 ``benchmarks/accuracy/``) and a test runs seed 0 only: its live result replaces the recorded seed 0
 in the mean the bar is checked on, and must agree with the record within ``REPRODUCE`` (else the
 record is stale and the test fails, asking for it to be regenerated). A run with no record runs
-all three seeds.
+all three seeds. PT-SFM-5 runs need its pre-trained backbone (``python benchmarks/pretrain.py``, about five
+minutes); where it has not been built (a fresh CI machine) their records are checked without a live run, and
+tests/test_pretrained.py runs the protocol's short form live on a small backbone.
 """
 from __future__ import annotations
 
@@ -49,11 +51,18 @@ def finals(part: dict, overrides: tuple = ()) -> list[float]:
             path.write_text(json.dumps({"run": json.loads(key), "seeds": list(SEEDS), "finals": values}, indent=1))
         return values
     recorded = json.loads(path.read_text())["finals"]
+    if _needs_missing_backbone(part):
+        return recorded
     live = _run(text, SEEDS[0], tuple(overrides))
     assert abs(live - recorded[0]) <= REPRODUCE, (
         f"seed 0 of {key} gives {live:.4f}, the record {recorded[0]:.4f}: the code changed what it learns; "
         "regenerate the record with `python benchmarks/accuracy.py` and check the new numbers")
     return [live, *recorded[1:]]
+
+
+def _needs_missing_backbone(part: dict) -> bool:
+    from streamcl.models.backbones import PT_SFM_5, checkpoint_file
+    return part.get("model", {}).get("checkpoint") == PT_SFM_5 and not checkpoint_file(PT_SFM_5).is_file()
 
 
 def mean_final(part: dict, overrides: tuple = ()) -> float:

@@ -12,9 +12,9 @@ from streamcl.models.backbones import FitInput, PT_SFM_5_ARGS, load_backbone, ti
 
 @pytest.fixture(scope="module")
 def small_backbone(tmp_path_factory):
-    """A PT-SFM-5 backbone pre-trained for one epoch on 256 images (the real one: 10 epochs on 30,000)."""
+    """A PT-SFM-5 backbone pre-trained for one epoch on 2,000 images (the real one: 10 epochs on 30,000)."""
     path = tmp_path_factory.mktemp("backbone") / "vit.pt"
-    summary = pretrain(path, epochs=1, images=256, verbose=False, test_images=500)
+    summary = pretrain(path, epochs=1, images=2000, verbose=False, test_images=500)
     return path, summary
 
 
@@ -38,8 +38,8 @@ def test_pretrain_writes_the_backbone_without_its_head_and_is_deterministic(smal
     path, summary = small_backbone
     saved = torch.load(path, weights_only=True)
     assert not any(k.startswith("head.") for k in saved) and "cls_token" in saved and "blocks.3.mlp.fc2.weight" in saved
-    assert summary["images"] == [0, 256] and 0 < summary["upstream_test_accuracy"] <= 1
-    again = pretrain(tmp_path / "again.pt", epochs=1, images=256, verbose=False, test_images=500)
+    assert summary["images"] == [0, 2000] and 0 < summary["upstream_test_accuracy"] <= 1
+    again = pretrain(tmp_path / "again.pt", epochs=1, images=2000, verbose=False, test_images=500)
     other = torch.load(tmp_path / "again.pt", weights_only=True)
     assert all(torch.equal(saved[k], other[k]) for k in saved) and again["upstream_test_accuracy"] == \
         summary["upstream_test_accuracy"]
@@ -131,3 +131,57 @@ def test_a_corrupt_or_crafted_checkpoint_is_refused(small_backbone, tmp_path):
     torch.save({**saved, "cls_token": torch.zeros(1, 1, 32)}, tmp_path / "shape.pt")
     with pytest.raises(ConfigError, match="other shapes: cls_token"):
         load_backbone(model, str(tmp_path / "shape.pt"))
+
+
+def rgb_benchmark(side: int = 224, per_class: int = 2):
+    """Two experiences of two classes of 3 x side x side images (class c: a bright quadrant c on noise)."""
+    from streamcl.scenarios import TensorData, class_incremental
+
+    def images(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(4).repeat_interleave(n)
+        x = torch.randn(len(y), 3, side, side, generator=g) * 0.5
+        h = side // 2
+        for c in range(4):
+            x[y == c, :, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 1.0
+        return TensorData(x, y)
+    return class_incremental(images(per_class, 0), images(1, 1), 2)
+
+
+PRE_TRAINED_METHODS = {"slca": ["slow_learner", "classifier_alignment"], "l2p": ["l2p"], "dualprompt": ["dual_prompt"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_base_patch16_224"])
+@pytest.mark.parametrize("method", list(PRE_TRAINED_METHODS))
+def test_every_pre_trained_model_method_trains_and_evaluates_on_the_real_architecture(name, method):
+    """Randomly initialised timm ViTs as users run them (224 x 224 x 3 inputs), a training step per experience."""
+    from streamcl import Strategy
+    from streamcl.methods import build_method
+
+    torch.manual_seed(0)
+    model = timm_model(name, 4, (3, 224, 224))
+    plugins, _ = build_method(method, **({"samples": 4, "epochs": 1} if method == "slca" else {}))
+    assert sorted(type(p).__module__.rsplit(".", 1)[-1] for p in plugins) == sorted(PRE_TRAINED_METHODS[method])
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), plugins=plugins, epochs=1,
+                        batch_size=4, eval_batch_size=4)
+    bench = rgb_benchmark()
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        result = strategy.eval(bench.test_stream)
+    assert len(strategy.trained) == 2 and len(result["accuracy"]) == 2
+    assert all(0 <= a <= 1 for a in result["accuracy"]) and strategy.predict(torch.zeros(2, 3, 224, 224)).shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_the_short_form_of_pt_sfm_5(small_backbone):
+    """PT-SFM-5 on the small backbone, 2,000 downstream images, one epoch: the slow learner keeps what sequential
+    fine-tuning forgets, and classifier alignment adds to it (the full protocol: benchmarks/ and docs/results.md)."""
+    final = {}
+    for method in ("seq_ft", "slow_learner", "slca"):
+        part = config.PROTOCOLS["PT-SFM-5"]
+        cfg = config.parse({**part, "benchmark": {"train_range": [30000, 32000]},
+                            "model": {**part["model"], "checkpoint": str(small_backbone[0])}, "train": {"epochs": 1},
+                            "method": {"name": method}, "log": {"tensorboard": False, "console": False}})
+        final[method] = runner.run(cfg)["final_accuracy"]
+    assert final["slow_learner"] >= final["seq_ft"] + 0.2 and final["slca"] > final["slow_learner"], final
