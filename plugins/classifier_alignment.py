@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.batch import Batch
-from streamcl.errors import ConfigError
+from streamcl.errors import ConfigError, PluginError
 from streamcl.scenarios.data import targets_of
 
 
@@ -69,9 +69,11 @@ class ClassifierAlignment(Plugin):
     in minibatches of ``samples``, with the cross-entropy of the normalised logits of the seen classes
     (:func:`logit_norm`, ``temperature`` 0.1) at learning rate ``lr`` (the optimizer of the strategy's kind, its momentum) annealed by a cosine over the
     epochs (the authors' code: 5 epochs, 256 per class, lr 0.01, momentum 0.9, weight decay 5e-4). Composes
-    with any plugin that trains the model (replay, LwF, a slow learner).
+    with any plugin that trains the model (replay, LwF, a slow learner); owns ``head_rows``, so not beside a plugin
+    that sets the head's rows itself (WA, DER, a head per task).
     """
 
+    owns = frozenset({"head_rows"})  # it re-trains the head's rows: not beside another plugin that sets them
     requires = frozenset({"head"})
 
     def __init__(self, epochs: int = 5, samples: int = 256, lr: float = 0.01, temperature: float | None = 0.1,
@@ -115,6 +117,11 @@ class ClassifierAlignment(Plugin):
     def align(self, strategy) -> None:
         """Re-train the head on features drawn from every class's Gaussian (the method's second stage)."""
         head, classes = strategy.head, sorted(self.stats)
+        widths = {len(mu) for mu, _ in self.stats.values()}
+        if widths != {strategy.feature_dim}:
+            raise PluginError(f"ClassifierAlignment keeps statistics of {sorted(widths)}-wide features, and the model's "
+                              f"features are now {strategy.feature_dim} wide: a plugin changed them; alignment needs "
+                              "features of one width throughout")
         columns = torch.tensor(classes, device=strategy.device)
         dtype = next(head.parameters()).dtype
 

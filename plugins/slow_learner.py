@@ -17,7 +17,8 @@ class SlowLearner(Plugin):
     whatever else the plugin list does, and follow the head when a plugin grows or replaces it; the other
     settings (momentum, weight decay) stay those of the user's optimizer. ``backbone_lr=0`` freezes the
     representation (``requires_grad`` off: no gradient is computed for it), the linear probe of
-    ``joint_linear``. Parameters the user's optimizer leaves out stay out."""
+    ``joint_linear``. Parameters the user's optimizer leaves out stay out. A plugin listed after it that gives some
+    parameters groups of its own (CWR's frozen layers, Piggyback's mask scores) sets those parameters' rates."""
 
     requires = frozenset({"head"})
 

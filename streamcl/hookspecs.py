@@ -190,8 +190,8 @@ def held_out(strategy: Strategy, batch: Batch) -> Tensor | None:
 def param_groups(strategy: Strategy, model: nn.Module) -> list[dict] | None:
     """Optimizer parameter groups (``{"params": [...], "lr": ...}``) for some of ``model``'s parameters.
 
-    Parameters no group claims keep the optimizer's defaults. A parameter in two groups is an error.
-    """
+    Parameters no group claims keep the optimizer's defaults. A parameter that two plugins' groups name trains
+    with the later plugin's (plugin order)."""
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from streamcl import ConfigError, Strategy
+from streamcl import ConfigError, PluginError, Strategy
 from streamcl.models import MLP
 from streamcl.plugins.classifier_alignment import ClassifierAlignment, class_statistics, logit_norm, sample_features
 from tests.synthetic import tiny_benchmark
@@ -102,3 +102,12 @@ def test_state_round_trip():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ConfigError, match="ClassifierAlignment"):
         ClassifierAlignment(**kwargs)
+
+
+def test_features_of_another_width_are_refused_by_name():
+    plugin = ClassifierAlignment(epochs=1, samples=4)
+    strategy, bench, model = aligned_run(plugin)
+    strategy.train(bench.train_stream[0])
+    plugin.stats = {c: (torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)) for c in (0, 1)}
+    with pytest.raises(PluginError, match="statistics of \\[3\\]-wide features, and the model's features are now 16"):
+        plugin.align(strategy)

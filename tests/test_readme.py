@@ -22,3 +22,12 @@ def test_the_tour_runs_on_a_plain_sequential(tmp_path, monkeypatch, capsys):
     results = namespace["results"]
     assert len(results["accuracy_matrix"]) == 5 and results["final_accuracy"] > 0.7
     assert list((tmp_path / "runs").iterdir())
+
+
+def test_the_pre_trained_config_is_valid():
+    import tomllib
+
+    from streamcl import config
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "timm:" in b)
+    cfg = config.parse(tomllib.loads(block))
+    assert cfg["model"]["name"] == "timm:vit_base_patch16_224" and cfg["method"]["name"] == "slca"

@@ -3,7 +3,7 @@ a zero backbone rate freezes the representation; refusals."""
 import pytest
 import torch
 
-from streamcl import ConfigError, Strategy
+from streamcl import ConfigError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.slow_learner import SlowLearner
 from tests.conftest import USER_MODELS, image_benchmark
@@ -55,3 +55,19 @@ def test_a_zero_backbone_rate_freezes_the_representation():
 def test_bad_rates_are_refused(kwargs):
     with pytest.raises(ConfigError, match="SlowLearner"):
         SlowLearner(**kwargs)
+
+
+class HeadAtHalf:
+    """A plugin listed after the slow learner that gives the head a group of its own."""
+
+    @hookimpl
+    def param_groups(self, strategy, model):
+        return [{"params": list(strategy.head.parameters()), "lr": 0.5}]
+
+
+def test_a_later_plugins_group_takes_the_parameters_it_names():
+    model = MLP(8, [16], 4)
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=8,
+                        plugins=[SlowLearner(backbone_lr=1e-4, head_lr=1e-2), HeadAtHalf()])
+    strategy.train(tiny_benchmark().train_stream[0])
+    assert rates(strategy) == {"backbone.1.weight": 1e-4, "backbone.1.bias": 1e-4, "head.weight": 0.5, "head.bias": 0.5}
