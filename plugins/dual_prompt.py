@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 from streamcl import ConfigError, Plugin, hookimpl
 from streamcl.parts import check_first
-from streamcl.plugins.l2p import cosine_pull, find_vit, freeze_all_but, frozen_query, masked_loss, takes_task, uniform
+from streamcl.plugins.current_classes import current_classes_loss
+from streamcl.plugins.l2p import cosine_pull, find_vit, freeze_all_but, frozen_query, takes_task, uniform
 
 
 class PrefixAttention(nn.Module):
@@ -274,7 +275,7 @@ class DualPrompt(Plugin):
 
     @hookimpl
     def task_loss(self, strategy, output, batch) -> Tensor | None:
-        return masked_loss(strategy, output.logits, batch.y) if self.train_mask else None
+        return current_classes_loss(strategy, output.logits, batch.y) if self.train_mask else None
 
     @staticmethod
     def selected(strategy, x: Tensor) -> Tensor:

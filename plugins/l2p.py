@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from streamcl import ConfigError, Plugin, hookimpl
 from streamcl.parts import check_first
+from streamcl.plugins.current_classes import current_classes_loss
 
 INIT = (-1.0, 1.0)  # prompts and keys: uniform in [-1, 1] (the authors' "uniform" initializer)
 
@@ -69,16 +70,6 @@ def freeze_all_but(model: nn.Module, keep: set[int]) -> None:
     """``requires_grad`` off for every parameter of ``model`` whose id is not in ``keep`` (and on for those)."""
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-
-
-def masked_loss(strategy, logits: Tensor, y: Tensor) -> Tensor:
-    """The criterion on ``logits`` with every class outside the experience's classes (and the minibatch's labels, so
-    that a replayed sample keeps its class) set to -inf: the authors' ``train_mask``."""
-    allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    classes = [int(c) for c in strategy.experience.classes if int(c) < logits.shape[1]]
-    allowed[classes] = True
-    allowed[y] = True
-    return strategy.criterion(logits.masked_fill(~allowed, float("-inf")), y)
 
 
 def cosine_pull(query: Tensor, keys: Tensor) -> Tensor:
@@ -279,7 +270,7 @@ class L2P(Plugin):
 
     @hookimpl
     def task_loss(self, strategy, output, batch) -> Tensor | None:
-        return masked_loss(strategy, output.logits, batch.y) if self.train_mask else None
+        return current_classes_loss(strategy, output.logits, batch.y) if self.train_mask else None
 
     @staticmethod
     def chosen(strategy, x: Tensor) -> Tensor:
