@@ -59,6 +59,8 @@ DEFAULT_METHODS = {  # SFM-5: every class-incremental recipe (exemplar-free ones
                  "joint", "joint_linear"],
 }
 NOTES = {
+    "PT-SFM-5": "No Avalanche reference exists for this protocol. The backbone is built once by "
+                "`python benchmarks/pretrain.py` (upstream test accuracy 0.844).",
     "SFM-5": "GDumb retrains from scratch at each evaluation point, so its cost is under eval seconds. "
              "`replay:memory_bytes=...` stores uint8 inputs: the bytes of 500 float32 samples hold 1950. "
              "multihead is left out (one head for task 0 without task labels: Naive's growing head).",

@@ -67,17 +67,20 @@ class ClassifierAlignment(Plugin):
     ``alignment/statistics_bytes``). Then, from the second experience on, the classifier head is re-trained
     alone for ``epochs`` epochs, each on ``samples`` fresh draws per seen class from N(mu_c, Sigma_c + 1e-4 I),
     in minibatches of ``samples``, with the cross-entropy of the normalised logits of the seen classes
-    (:func:`logit_norm`, ``temperature`` 0.1) at learning rate ``lr`` (the optimizer of the strategy's kind, its momentum) annealed by a cosine over the
-    epochs (the authors' code: 5 epochs, 256 per class, lr 0.01, momentum 0.9, weight decay 5e-4). Composes
-    with any plugin that trains the model (replay, LwF, a slow learner); owns ``head_rows``, so not beside a plugin
-    that sets the head's rows itself (WA, DER, a head per task).
+    (:func:`logit_norm`, ``temperature`` 0.1) at learning rate ``lr`` (the optimizer of the strategy's kind, its
+    momentum) annealed by a cosine over the epochs (the authors' code: 5 epochs, 256 per class, lr 0.01, momentum
+    0.9, weight decay 5e-4). Composes with any plugin that trains the model (replay, LwF, a slow learner); owns
+    ``head_rows``, so not beside a plugin that sets the head's rows itself (WA, DER, a head per task).
+
+    ``refresh=True`` (not in the paper): beside a replay memory, each class's Gaussian is centred on its stored
+    samples' features as they are now, so that a fast-trained representation does not leave the statistics behind.
     """
 
     owns = frozenset({"head_rows"})  # it re-trains the head's rows: not beside another plugin that sets them
     requires = frozenset({"head"})
 
     def __init__(self, epochs: int = 5, samples: int = 256, lr: float = 0.01, temperature: float | None = 0.1,
-                 covariance: str | int = "full", weight_decay: float = 5e-4):
+                 covariance: str | int = "full", weight_decay: float = 5e-4, refresh: bool = False):
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"ClassifierAlignment(epochs={epochs!r}): give a whole number >= 1")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
@@ -93,7 +96,7 @@ class ClassifierAlignment(Plugin):
                                                        and covariance >= 1)):
             raise ConfigError(f"ClassifierAlignment(covariance={covariance!r}): 'full', 'diagonal' or a rank >= 1")
         self.epochs, self.samples, self.lr, self.temperature = epochs, samples, float(lr), temperature
-        self.covariance, self.weight_decay = covariance, float(weight_decay)
+        self.covariance, self.weight_decay, self.refresh = covariance, float(weight_decay), bool(refresh)
         self.stats: dict[int, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -131,13 +134,24 @@ class ClassifierAlignment(Plugin):
                 logits = logit_norm(logits, self.temperature)
             return F.cross_entropy(logits, part.y)
 
+        means = self.refreshed_means(strategy) if self.refresh else {}
         for epoch in range(self.epochs):
-            x = torch.cat([sample_features(mu, cov, self.samples, strategy.generator) for mu, cov in
-                           (self.stats[c] for c in classes)]).to(strategy.device, dtype)
+            x = torch.cat([sample_features(means.get(c, mu), cov, self.samples, strategy.generator) for c, (mu, cov) in
+                           ((c, self.stats[c]) for c in classes)]).to(strategy.device, dtype)
             y = torch.arange(len(classes), device=strategy.device).repeat_interleave(self.samples)
             lr = self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
             strategy.fit(Batch(x, y, torch.zeros_like(y)), loss, head.parameters(), epochs=1, name="alignment",
                          batch_size=self.samples, lr=lr, weight_decay=self.weight_decay)
+
+    def refreshed_means(self, strategy) -> dict[int, Tensor]:
+        """The mean features now of each class with at least two samples in the replay memory (``strategy.memory``),
+        which stand in for the means stored after the class's experience when the representation has moved."""
+        memory = strategy.memory
+        if memory is None or len(memory) == 0:
+            return {}
+        stored = memory.batch()
+        feats, labels = strategy.embed(stored).cpu().double(), stored.y.cpu()
+        return {c: feats[labels == c].mean(0) for c in self.stats if int((labels == c).sum()) >= 2}
 
     def state_dict(self) -> dict:
         return {"classes": list(self.stats), "means": [m for m, _ in self.stats.values()],

@@ -72,6 +72,11 @@ BARS = [
                                      "sample"),
     ("SFM-5", {"name": "gnr", "distill": True}, 0.52, "the issue's 'above deep generative replay (0.696) on the same "
                                                      "generator' is not met: measured 0.542 (0.565, 0.508, 0.553)"),
+    ("PT-SFM-5", {"name": "slow_learner"}, 0.35, "issue bar: seq_ft (0.150) + 0.2; measured 0.718"),
+    ("PT-SFM-5", {"name": "slca"}, 0.80, "issue bar: slow_learner + 0.05 (0.768), above L2P (0.548) and DualPrompt "
+                                         "(0.739), within 0.03 of joint (0.823); measured 0.833"),
+    ("PT-SFM-5", {"name": "l2p"}, 0.151, "issue bar: above seq_ft (0.150); measured 0.548"),
+    ("PT-SFM-5", {"name": "dualprompt"}, 0.151, "issue bar: above seq_ft (0.150); measured 0.739"),
     ("SFM-5", {"name": "supsup"}, 0.30, "the issue's 0.50 (GN: task inferred, no memory) is not met: measured 0.335 "
                                         "(0.375, 0.314, 0.317; docs/methods.md has the rules tried)"),
 ]

@@ -111,3 +111,22 @@ def test_features_of_another_width_are_refused_by_name():
     plugin.stats = {c: (torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)) for c in (0, 1)}
     with pytest.raises(PluginError, match="statistics of \\[3\\]-wide features, and the model's features are now 16"):
         plugin.align(strategy)
+
+
+def test_refresh_centres_each_class_on_its_stored_samples_features_now():
+    from streamcl.plugins.replay import Replay
+    torch.manual_seed(0)
+    model = MLP(8, [16], 4)
+    plugin = ClassifierAlignment(epochs=1, samples=8, refresh=True)
+    strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=8,
+                        plugins=[Replay(memory=12), plugin], seed=0)
+    bench = tiny_benchmark()
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    stored = strategy.memory.batch()
+    feats = strategy.embed(stored).double()
+    means = plugin.refreshed_means(strategy)
+    assert sorted(means) == sorted(set(stored.y.tolist()))
+    assert all(torch.allclose(means[c], feats[stored.y == c].mean(0)) for c in means)
+    assert not torch.allclose(means[0], plugin.stats[0][0])  # the representation moved since experience 0
+    assert ClassifierAlignment(refresh=True).refreshed_means(strategy=aligned_run(ClassifierAlignment())[0]) == {}
