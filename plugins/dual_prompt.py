@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from streamcl import ConfigError, Plugin, hookimpl
 from streamcl.parts import check_first
 from streamcl.plugins.current_classes import current_classes_loss
-from streamcl.plugins.l2p import cosine_pull, find_vit, freeze_all_but, frozen_query, takes_task, uniform
+from streamcl.plugins.l2p import cosine_pull, find_vit, freeze_all_but, frozen_query, takes_task, eval_query, uniform
 
 
 class PrefixAttention(nn.Module):
@@ -283,5 +283,4 @@ class DualPrompt(Plugin):
         net = strategy.model
         if not isinstance(net, DualPromptNet):
             raise ConfigError("dual_prompt: the model is not prompted yet (it is wrapped at the first experience)")
-        kwargs = {"task_labels": torch.zeros(len(x), dtype=torch.long, device=x.device)} if net.inner_takes_task else {}
-        return net.select(frozen_query(net.model, net.vit(), x, kwargs))
+        return net.select(eval_query(net, x))

@@ -66,6 +66,13 @@ def frozen_query(model: nn.Module, vit: nn.Module, x: Tensor, kwargs: dict) -> T
     return box[-1].detach()
 
 
+def eval_query(net: nn.Module, x: Tensor) -> Tensor:
+    """The query of inputs ``x`` as at test time (task label 0 where the wrapped model takes one), for a prompted
+    net (``L2PNet``, ``DualPromptNet``) that holds the user's ``model`` and finds its ``vit()``."""
+    kwargs = {"task_labels": torch.zeros(len(x), dtype=torch.long, device=x.device)} if net.inner_takes_task else {}
+    return frozen_query(net.model, net.vit(), x, kwargs)
+
+
 def freeze_all_but(model: nn.Module, keep: set[int]) -> None:
     """``requires_grad`` off for every parameter of ``model`` whose id is not in ``keep`` (and on for those)."""
     for p in model.parameters():
@@ -278,5 +285,4 @@ class L2P(Plugin):
         net = strategy.model
         if not isinstance(net, L2PNet):
             raise ConfigError("l2p: the model is not prompted yet (it is wrapped at the first experience)")
-        kwargs = {"task_labels": torch.zeros(len(x), dtype=torch.long, device=x.device)} if net.inner_takes_task else {}
-        return net.select(frozen_query(net.model, net.vit(), x, kwargs))
+        return net.select(eval_query(net, x))

@@ -38,6 +38,19 @@ def image_benchmark(n_classes: int = 4, n_experiences: int = 2, n_per_class: int
                              n_experiences, **kwargs)
 
 
+def rgb_benchmark(side: int = 224, per_class: int = 2):
+    """Two experiences of two classes of 3 x side x side images (class c: a bright quadrant c on noise)."""
+    def images(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(4).repeat_interleave(n)
+        x = torch.randn(len(y), 3, side, side, generator=g) * 0.5
+        h = side // 2
+        for c in range(4):
+            x[y == c, :, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 1.0
+        return TensorData(x, y)
+    return class_incremental(images(per_class, 0), images(1, 1), 2)
+
+
 def sequential(n_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                          nn.Linear(32, n_classes))

@@ -7,8 +7,7 @@ from torch.nn import functional as F
 
 from streamcl import Batch, ConfigError, Strategy
 from streamcl.plugins.dual_prompt import DualPrompt, DualPromptNet, PrefixAttention, prefixed_attention
-from streamcl.scenarios import TensorData, class_incremental
-from tests.conftest import image_benchmark, mlp, vit
+from tests.conftest import image_benchmark, mlp, rgb_benchmark, vit
 
 
 def deep_vit(n_classes: int = 4, depth: int = 4):
@@ -194,10 +193,7 @@ def test_vit_tiny_224_trains_and_evaluates():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=4)
-    g = torch.Generator().manual_seed(0)
-    train = TensorData(torch.randn(8, 3, 224, 224, generator=g), torch.arange(4).repeat_interleave(2))
-    test = TensorData(torch.randn(4, 3, 224, 224, generator=g), torch.arange(4))
-    bench = class_incremental(train, test, 2)
+    bench = rgb_benchmark()
     s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), plugins=[DualPrompt()],
                  batch_size=4, seed=0)
     for exp in bench.train_stream:

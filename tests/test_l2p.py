@@ -8,8 +8,8 @@ from torch.nn import functional as F
 from streamcl import Batch, ConfigError, Strategy
 from streamcl.plugins.current_classes import current_classes_loss
 from streamcl.plugins.l2p import L2P, L2PNet, PromptInsert, frozen_query
-from streamcl.scenarios import Experience, TensorData, class_incremental
-from tests.conftest import image_benchmark, mlp, vit
+from streamcl.scenarios import Experience, TensorData
+from tests.conftest import image_benchmark, mlp, rgb_benchmark, vit
 
 
 def prompted(plugin: L2P, model=None) -> Strategy:
@@ -136,10 +136,7 @@ def test_vit_tiny_224_trains_and_evaluates():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=4)
-    g = torch.Generator().manual_seed(0)
-    train = TensorData(torch.randn(8, 3, 224, 224, generator=g), torch.arange(4).repeat_interleave(2))
-    test = TensorData(torch.randn(4, 3, 224, 224, generator=g), torch.arange(4))
-    bench = class_incremental(train, test, 2)
+    bench = rgb_benchmark()
     s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), plugins=[L2P()], batch_size=4,
                  seed=0)
     for exp in bench.train_stream:

@@ -8,6 +8,7 @@ import torch
 from benchmarks.pretrain import pretrain
 from streamcl import ConfigError, config, runner
 from streamcl.models.backbones import FitInput, PT_SFM_5_ARGS, load_backbone, timm_model
+from tests.conftest import rgb_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -131,21 +132,6 @@ def test_a_corrupt_or_crafted_checkpoint_is_refused(small_backbone, tmp_path):
     torch.save({**saved, "cls_token": torch.zeros(1, 1, 32)}, tmp_path / "shape.pt")
     with pytest.raises(ConfigError, match="other shapes: cls_token"):
         load_backbone(model, str(tmp_path / "shape.pt"))
-
-
-def rgb_benchmark(side: int = 224, per_class: int = 2):
-    """Two experiences of two classes of 3 x side x side images (class c: a bright quadrant c on noise)."""
-    from streamcl.scenarios import TensorData, class_incremental
-
-    def images(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        y = torch.arange(4).repeat_interleave(n)
-        x = torch.randn(len(y), 3, side, side, generator=g) * 0.5
-        h = side // 2
-        for c in range(4):
-            x[y == c, :, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 1.0
-        return TensorData(x, y)
-    return class_incremental(images(per_class, 0), images(1, 1), 2)
 
 
 PRE_TRAINED_METHODS = {"slca": ["slow_learner", "current_classes", "classifier_alignment"], "l2p": ["l2p"], "dualprompt": ["dual_prompt"]}
