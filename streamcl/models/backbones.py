@@ -74,7 +74,7 @@ def timm_model(name: str, n_classes: int, sample_shape: tuple[int, ...], *, pret
     except ImportError:
         raise ConfigError(f"model.name = 'timm:{name}' needs timm: pip install 'streamcl[pretrained]'") from None
     if name not in timm.list_models() and name not in timm.list_pretrained():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = timm.list_models(f"{name.split('_')[0]}*")[:8]
         raise ConfigError(f"timm has no model '{name}'" + (f"; models of that family: {', '.join(close)}" if close else ""))
     options = dict(args or {})
     if isinstance(pretrained, str):
