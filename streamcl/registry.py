@@ -1,4 +1,5 @@
-"""Finding plugins by name: built-in and third-party ones, all through the entry-point group ``streamcl.plugins``."""
+"""Finding plugins, benchmarks and models by name: built-in and third-party ones alike, through the entry-point
+groups ``streamcl.plugins``, ``streamcl.benchmarks`` and ``streamcl.models``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,11 +11,13 @@ from streamcl.errors import ConfigError, PluginError
 from streamcl.plugin import init_signature
 
 GROUP = "streamcl.plugins"
+GROUPS = {"plugin": GROUP, "benchmark": "streamcl.benchmarks", "model": "streamcl.models"}
 
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One installed plugin: its name, the object path, and the distribution that provides it."""
+    """One installed plugin (or benchmark, or model): its name, the object path, and the distribution that
+    provides it."""
 
     name: str
     target: str
@@ -33,18 +36,37 @@ class PluginInfo:
         return obj
 
 
-@lru_cache(maxsize=1)
-def available_plugins() -> dict[str, PluginInfo]:
-    """Every plugin registered under the ``streamcl.plugins`` entry-point group, by name."""
+def entries(kind: str) -> dict[str, PluginInfo]:
+    """Everything registered under the entry-point group of ``kind`` ("plugin", "benchmark", "model"), by name,
+    read afresh (the ``available_*`` functions keep what they read)."""
+    group = GROUPS[kind]
     found: dict[str, PluginInfo] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=group):
         dist = getattr(ep, "dist", None)
         info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else "?", dist.version if dist else "?")
         if ep.name in found and found[ep.name].target != info.target:
-            raise ConfigError(f"plugin name '{ep.name}' is claimed by {found[ep.name].distribution} "
+            raise ConfigError(f"{kind} name '{ep.name}' is claimed by {found[ep.name].distribution} "
                               f"({found[ep.name].target}) and {info.distribution} ({info.target})")
         found[ep.name] = info
     return dict(sorted(found.items()))
+
+
+@lru_cache(maxsize=1)
+def available_plugins() -> dict[str, PluginInfo]:
+    """Every plugin registered under the ``streamcl.plugins`` entry-point group, by name."""
+    return entries("plugin")
+
+
+@lru_cache(maxsize=1)
+def available_benchmarks() -> dict[str, PluginInfo]:
+    """Every benchmark registered under ``streamcl.benchmarks``, by name."""
+    return entries("benchmark")
+
+
+@lru_cache(maxsize=1)
+def available_models() -> dict[str, PluginInfo]:
+    """Every model registered under ``streamcl.models``, by name."""
+    return entries("model")
 
 
 def build_plugin(name: str, **kwargs) -> object:
