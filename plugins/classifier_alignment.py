@@ -141,7 +141,7 @@ class ClassifierAlignment(Plugin):
             y = torch.arange(len(classes), device=strategy.device).repeat_interleave(self.samples)
             lr = self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
             strategy.fit(Batch(x, y, torch.zeros_like(y)), loss, head.parameters(), epochs=1, name="alignment",
-                         batch_size=self.samples, lr=lr, weight_decay=self.weight_decay)
+                         batch_size=self.samples, scheduled=False, lr=lr, weight_decay=self.weight_decay)
 
     def refreshed_means(self, strategy) -> dict[int, Tensor]:
         """The mean features now of each class with at least two samples in the replay memory (``strategy.memory``),

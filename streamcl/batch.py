@@ -17,8 +17,8 @@ class Batch(NamedTuple):
     def __len__(self) -> int:  # type: ignore[override]
         return self.y.shape[0]
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.x.to(device), self.y.to(device), self.t.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(v.to(device, non_blocking=non_blocking) for v in self))
 
     def select(self, index) -> Batch:
         """The samples at ``index``."""

@@ -70,14 +70,15 @@ class Position:
 
 
 def settings_of(strategy) -> dict:
-    """What a strategy was built with and a checkpoint must agree on: the loop's settings, the seed (when
-    given), the optimizer (kind, each group's options and parameters), every plugin's arguments and the
+    """What a strategy was built with and a checkpoint must agree on: the loop's settings (schedule, clipping and
+    precision too), the seed (when given), the optimizer (kind, each group's options and parameters), every plugin's arguments and the
     model's parameters (names and shapes), as they were at construction."""
     names = {id(p): n for n, p in strategy.model.named_parameters()}
     groups = [[f"{k}={v!r}" for k, v in sorted(g.items()) if k != "params"] +
               [names.get(id(p), "<outside>") for p in g["params"]] for g in strategy.optimizer.param_groups]
     plain = re.compile(r" at 0x[0-9a-f]+")  # a function's or object's address differs between processes
     return {"epochs": strategy.epochs, "batch_size": strategy.batch_size,
+            "loop": plain.sub("", repr((strategy.schedule, strategy.clip_grad_norm, strategy.precision))),
             "seed": strategy.seed if strategy.seed_given else None,
             "optimizer": [type(strategy.optimizer).__name__, *map(str, groups)],
             "plugins": [plain.sub("", repr(p)) for p in strategy.plugins],
@@ -148,6 +149,7 @@ def state_of(strategy, position: bool = False) -> dict:
         "logger_states": _states(strategy.loggers),
         "metrics": strategy.metrics.state_dict(),
         "rng": _rng_state(strategy),
+        "scaler": None if strategy.scaler is None else strategy.scaler.state_dict(),  # fp16's loss scale
         "trained": [{k: getattr(e, k) for k in ("index", "classes", "n_classes", "task", "origin", "covers")}
                     for e in strategy.trained],
         "counters": {"global_step": strategy.global_step, "train_seconds": strategy.train_seconds,
@@ -409,6 +411,8 @@ def _check_shape(state, path: Path) -> None:
     if set(state["counters"]) != set(_COUNTERS) or not all(
             isinstance(v, (int, float)) for v in state["counters"].values()):
         bad(f"its 'counters' are not {', '.join(_COUNTERS)}")
+    if not isinstance(state.get("scaler"), (dict, type(None))):
+        bad("its 'scaler' is not a gradient scaler's state_dict()")
     pos = state["position"]
     if pos is not None and (set(pos) != set(_POSITION) or not isinstance(pos["order"], torch.Tensor)
                             or not all(isinstance(pos[k], int) for k in ("experience", "epoch", "iteration"))):
@@ -453,6 +457,8 @@ def _restore(strategy, state: dict) -> None:
             if s is not None:
                 obj.load_state_dict(s)
     strategy.metrics.load_state_dict(state["metrics"])
+    if state.get("scaler") and strategy.scaler is not None:
+        strategy.scaler.load_state_dict(state["scaler"])
     strategy.trained = [Experience(dataset=None, **e) for e in state["trained"]]
     for key in _COUNTERS:
         setattr(strategy, key, state["counters"][key])

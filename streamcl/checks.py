@@ -109,12 +109,20 @@ def check_model_fits(strategy, data: Dataset, exp: Experience | None) -> None:
                         f"{GROWING_HEAD}")
 
 
-def non_finite_error(strategy) -> TrainingError:
-    """The error for a non-finite loss: which terms, where in the stream, and what is still safe."""
-    bad = [name for name, v in strategy.loss_terms.items() if not torch.isfinite(v.detach()).all()] or ["total"]
-    where = (f"experience {strategy.experience.index}, epoch {strategy.epoch}, iteration {strategy.iteration} "
-             f"(step {strategy.global_step})")
+def non_finite_error(strategy, bad: list[str] | None = None, where: str | None = None,
+                     updated: bool = False) -> TrainingError:
+    """The error for a non-finite loss: which terms, where in the stream, and what is still safe. ``bad``
+    and ``where`` describe an earlier step (the GPU's lagged check, whose update was already applied)."""
+    if bad is None:
+        bad = [name for name, v in strategy.loss_terms.items() if not torch.isfinite(v.detach()).all()]
+    where = where or step_position(strategy)
     saved = (f"the last checkpoint ({strategy.checkpoint_path}) was written before this step and is intact"
              if strategy.checkpoint_dir is not None else "no checkpoint_dir was set")
-    return TrainingError(f"non-finite loss term(s) {', '.join(map(repr, bad))} at {where}; nothing was updated; "
+    done = "its update was applied (the check runs one step behind on a GPU)" if updated else "nothing was updated"
+    return TrainingError(f"non-finite loss term(s) {', '.join(map(repr, bad or ['total']))} at {where}; {done}; "
                          f"{saved}. Lower the learning rate or the term's weight.")
+
+
+def step_position(strategy) -> str:
+    return (f"experience {strategy.experience.index}, epoch {strategy.epoch}, iteration {strategy.iteration} "
+            f"(step {strategy.global_step})")

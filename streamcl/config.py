@@ -18,16 +18,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_INT, _NUM, _STR, _BOOL, _INTS = (int,), (int, float), (str,), (bool,), "list[int]"
+_INT, _NUM, _STR, _BOOL, _INTS, _NUMS = (int,), (int, float), (str,), (bool,), "list[int]", "list[number]"
 _TABLE, _PATH_OR_BOOL = (dict,), (bool, str)
+_INT_OR_INTS = "int or list[int]"
 
 # section -> key -> (accepted types, default); None as default means "absent unless given".
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "benchmark": {
         "name": (_STR, "split-fmnist"), "scenario": (_STR, "class"), "n_experiences": (_INT, 5),
-        "class_order": (_INTS, None), "classes_per_exp": (_INT, None), "first_exp_classes": (_INT, None),
+        "class_order": (_INTS, None), "classes_per_exp": (_INT_OR_INTS, None), "first_exp_classes": (_INT, None),
         "class_seed": (_INT, None), "root": (_STR, None),
-        "task_labels": (_BOOL, False), "train_range": (_INTS, None),
+        "task_labels": (_BOOL, False), "train_range": (_INTS, None), "args": (_TABLE, None),
     },
     "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False),
               "pretrained": (_PATH_OR_BOOL, False), "checkpoint": (_STR, None), "args": (_TABLE, None)},
@@ -35,6 +36,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
         "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
         "checkpoint_every": (_INT, 0), "augment": (_STR, None),
+        "schedule": (_STR, None), "warmup": (_INT, None), "milestones": (_NUMS, None), "gamma": (_NUM, None),
+        "clip_grad_norm": (_NUM, None), "precision": (_STR, None), "channels_last": (_BOOL, None),
+        "compile": (_PATH_OR_BOOL, None), "validation": (_NUM, None),
+        "num_workers": (_INT, None), "pin_memory": (_BOOL, None), "persistent_workers": (_BOOL, None),
     },
     "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True)},
 }
@@ -42,16 +47,22 @@ TOP = {"seed": (_INT, 0)}
 LISTS = ("plugins",)
 TABLES = ("method",)
 CHOICES = {
-    ("benchmark", "name"): ("split-fmnist", "permuted-fmnist"),
     ("benchmark", "scenario"): ("class", "task", "domain"),
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "augment"): ("crop_flip",),
+    ("train", "schedule"): ("cosine", "multistep", "constant"),
+    ("train", "precision"): ("bf16", "fp16"),
     ("train", "device"): None,  # any torch device string
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
 INT_MAX = 2**63 - 1  # the largest TOML integer, and the largest seed torch takes
 MAX_LR, MAX_WEIGHT_DECAY = 100.0, 1.0  # beyond these a run diverges at once: a typo, not a setting
+# the SFM-5 / PFM-5 names, built by the runner as always; every other benchmark.name is a registered benchmark
+# (entry points ``streamcl.benchmarks``), whose scenarios are its function's ``scenarios`` (:func:`scenarios_of`)
 SCENARIOS = {"split-fmnist": ("class", "task"), "permuted-fmnist": ("domain",)}
+# [benchmark] keys passed to a registered benchmark's function when given (with benchmark.args)
+BENCHMARK_KEYS = ("root", "n_experiences", "scenario", "class_order", "class_seed", "classes_per_exp",
+                  "first_exp_classes", "task_labels", "train_range")
 # the config part that selects each protocol of docs/protocols.md (the defaults are SFM-5)
 PROTOCOLS = {
     "SFM-5": {},
@@ -59,13 +70,14 @@ PROTOCOLS = {
     "PFM-5": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain"}},
     # PFM-5 with experience k given task label k at train and test time (methods that need the task label)
     "PFM-5-TL": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain", "task_labels": True}},
+    # SFM-5 with the small CNN, crop-and-flip augmentation on the device and a cosine schedule per experience
+    "SFM-5-CNN": {"model": {"name": "cnn"}, "train": {"augment": "crop_flip", "schedule": "cosine"}},
     # SFM-5 on training images 30,000-59,999, from the vision transformer pre-trained on images 0-29,999
     "PT-SFM-5": {"benchmark": {"train_range": [30000, 60000]},
                  "model": {"name": "timm:vit_tiny_patch16_224", "checkpoint": "pt-sfm-5",
                            "args": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4,
                                     "num_heads": 4, "mlp_ratio": 4.0}}},
 }
-MODELS = ("mlp", "cnn", "timm:<name>")
 
 
 def defaults() -> dict[str, Any]:
@@ -123,24 +135,94 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
     _check_device(cfg["train"]["device"])
     _check_model(cfg["model"])
     bench = cfg["benchmark"]
-    if bench["scenario"] not in SCENARIOS[bench["name"]]:
-        raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
-                          f"'{bench['name']}'; it takes: {', '.join(SCENARIOS[bench['name']])}")
-    if bench.get("task_labels") and bench["name"] != "permuted-fmnist":
-        raise ConfigError("benchmark.task_labels = true gives the permuted stream's experiences task labels; "
-                          f"for {bench['name']} use benchmark.scenario = 'task'")
+    given = raw.get("benchmark") if isinstance(raw.get("benchmark"), dict) else {}
+    if bench["name"] in SCENARIOS:
+        _check_fmnist_benchmark(bench)
+    else:
+        _check_registered_benchmark(bench, given)
     span = bench.get("train_range")
     if span is not None and not (len(span) == 2 and 0 <= span[0] < span[1]):
         raise ConfigError(f"'benchmark.train_range' = {span!r} must be [first, end] training images, 0 <= first < end")
     return cfg
 
 
+def _check_fmnist_benchmark(bench: dict) -> None:
+    if bench["scenario"] not in SCENARIOS[bench["name"]]:
+        raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = "
+                          f"'{bench['name']}'; it takes: {', '.join(SCENARIOS[bench['name']])}")
+    if bench.get("task_labels") and bench["name"] != "permuted-fmnist":
+        raise ConfigError("benchmark.task_labels = true gives the permuted stream's experiences task labels; "
+                          f"for {bench['name']} use benchmark.scenario = 'task'")
+    if bench.get("args"):
+        raise ConfigError(f"'benchmark.args' are arguments of a registered benchmark's function; "
+                          f"{bench['name']} takes none (its registered twin {bench['name'].replace('-', '_')} does)")
+
+
+def scenarios_of(builder) -> tuple[str, ...]:
+    """The scenarios a benchmark function takes: its ``scenarios`` attribute; without one, all three if it takes
+    a ``scenario`` argument, else "class"."""
+    import inspect
+
+    found = getattr(builder, "scenarios", None)
+    if found:
+        return tuple(found)
+    return ("class", "task", "domain") if "scenario" in inspect.signature(builder).parameters else ("class",)
+
+
+def benchmark_arguments(bench: dict, builder) -> dict[str, Any]:
+    """The keyword arguments of a registered benchmark's function: the [benchmark] keys given (``scenario``
+    only to a function that takes it), then ``benchmark.args``."""
+    import inspect
+
+    takes = inspect.signature(builder).parameters
+    out = {k: bench[k] for k in BENCHMARK_KEYS if k in bench and (k != "scenario" or "scenario" in takes)}
+    return {**out, **(bench.get("args") or {})}
+
+
+def _check_registered_benchmark(bench: dict, given: dict) -> None:
+    """A registered benchmark: its name, its scenario, and every argument it is given, checked by name. Keys the
+    config did not give take the function's own defaults (the literature's splits), not SFM-5's."""
+    import inspect
+
+    from streamcl.registry import available_benchmarks, check_arguments
+
+    known = available_benchmarks()
+    name = bench["name"]
+    if name not in known:
+        raise ConfigError(f"'benchmark.name' = {name!r} is not one of: {', '.join([*SCENARIOS, *known])}")
+    try:
+        builder = known[name].load()
+    except Exception as err:  # a third party's broken module: name it
+        raise ConfigError(f"benchmark '{name}' ({known[name].target}) cannot be loaded: {err}") from None
+    for key in ("n_experiences", "task_labels"):
+        if key not in given:
+            bench.pop(key, None)
+    allowed = scenarios_of(builder)
+    if "scenario" not in given:
+        default = inspect.signature(builder).parameters.get("scenario")
+        bench["scenario"] = default.default if default is not None and default.default in allowed else allowed[0]
+    if bench["scenario"] not in allowed:
+        raise ConfigError(f"benchmark.scenario = '{bench['scenario']}' does not fit benchmark.name = '{name}'; "
+                          f"it takes: {', '.join(allowed)}")
+    twice = sorted(set(bench.get("args") or {}) & {*BENCHMARK_KEYS, "name"})
+    if twice:
+        raise ConfigError(f"'benchmark.args' holds {', '.join(twice)}: give {'them' if len(twice) > 1 else 'it'} "
+                          f"in [benchmark] itself (benchmark.{twice[0]})")
+    check_arguments(builder, benchmark_arguments(bench, builder), f"benchmark '{name}'")
+
+
 def _check_model(m: dict) -> None:
-    name = m["name"]
-    if name not in ("mlp", "cnn") and not (name.startswith("timm:") and len(name) > 5):
-        raise ConfigError(f"'model.name' = {name!r} is not one of: {', '.join(MODELS)}")
-    if not name.startswith("timm:") and (m.get("args") or m["pretrained"] is not False):
-        raise ConfigError("'model.pretrained' and 'model.args' are for timm models (model.name = 'timm:<name>')")
+    """``model.name`` registered (``streamcl.models``) or ``timm:<name>``; ``model.args`` ones the model takes."""
+    from streamcl.models import zoo
+
+    name, timm = m["name"], m["name"].startswith("timm:") and len(m["name"]) > 5
+    if not timm and name not in zoo.names():
+        raise ConfigError(f"'model.name' = {name!r} is not one of: {', '.join(zoo.names())}")
+    if not timm and m["pretrained"] is not False:
+        raise ConfigError("'model.pretrained' weights are for timm models (model.name = 'timm:<name>')")
+    if name == "mlp" and "hidden" in (m.get("args") or {}):
+        raise ConfigError("the MLP's layer widths are 'model.hidden', not 'model.args.hidden'")
+    zoo.check_args(name, m.get("args") or {}, "'model.args': model")
 
 
 def _check_train(t: dict) -> None:
@@ -154,6 +236,15 @@ def _check_train(t: dict) -> None:
                           f"got {t['momentum']!r}")
     if not t["weight_decay"] <= MAX_WEIGHT_DECAY:
         raise ConfigError(f"'train.weight_decay' must be at most {MAX_WEIGHT_DECAY:g}, got {t['weight_decay']!r}")
+    if t.get("validation") is not None and not 0 < t["validation"] < 1:
+        raise ConfigError(f"'train.validation' is the fraction of each experience held out, in (0, 1); "
+                          f"got {t['validation']!r}")
+    if t.get("milestones") is not None and t.get("schedule") != "multistep":
+        raise ConfigError("'train.milestones' are for train.schedule = 'multistep'")
+    if t.get("gamma") is not None and t.get("schedule") != "multistep":
+        raise ConfigError("'train.gamma' is for train.schedule = 'multistep'")
+    if t.get("clip_grad_norm") is not None and t["clip_grad_norm"] <= 0:
+        raise ConfigError(f"'train.clip_grad_norm' must be above 0, got {t['clip_grad_norm']!r}")
 
 
 def _check_device(name: str) -> None:
@@ -187,6 +278,18 @@ def _check(key: str, value: Any, types, choices=None) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"'{key}' must be a list of integers, got {value!r}")
         return value
+    if types == _NUMS:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in value):
+            raise ConfigError(f"'{key}' must be a list of numbers, got {value!r}")
+        return value
+    if types == _INT_OR_INTS:
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= INT_MAX
+                                    for v in value):
+                raise ConfigError(f"'{key}' must be a positive integer or a list of them, got {value!r}")
+            return value
+        types = _INT
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
     if not isinstance(value, types):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import random
 import sys
@@ -15,17 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamcl import augment
+from streamcl import augment, config, schedule
 from streamcl import distributed as dist
 from streamcl.datasets import fashion_mnist
 from streamcl.errors import ConfigError, DataError
 from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
-from streamcl.models import MLP, SmallCNN
-from streamcl.models.backbones import load_backbone, timm_model
-from streamcl.registry import build_plugin
-from streamcl.scenarios import Benchmark, TensorData, class_incremental, domain_incremental
+from streamcl.models import build
+from streamcl.models.backbones import load_backbone
+from streamcl.registry import available_benchmarks, build_plugin
+from streamcl.models.inputs import Standardize
+from streamcl.scenarios import Benchmark, TensorData, class_incremental, domain_incremental, hold_out
 from streamcl.strategy import Strategy
 
 
@@ -113,7 +113,12 @@ def check_permuted(train, test, n: int) -> None:
 
 
 def build_benchmark(cfg: dict) -> Benchmark:
+    """The stream ``[benchmark]`` names: SFM-5 / PFM-5 for "split-fmnist" / "permuted-fmnist", else the
+    registered benchmark's function (``streamcl.benchmarks``) called with the keys given and ``benchmark.args``."""
     b = cfg["benchmark"]
+    if b["name"] not in config.SCENARIOS:
+        builder = available_benchmarks()[b["name"]].load()
+        return builder(**config.benchmark_arguments(b, builder))
     train, test = fashion_mnist(b.get("root"))
     if b.get("train_range"):
         first, end = b["train_range"]
@@ -131,12 +136,8 @@ def build_benchmark(cfg: dict) -> Benchmark:
 def build_model(cfg: dict, n_classes: int, sample_shape: tuple[int, ...]) -> nn.Module:
     """The model ``[model]`` names, with the weights of ``model.checkpoint`` (all but the head's) if given."""
     m = cfg["model"]
-    if m["name"].startswith("timm:"):
-        model = timm_model(m["name"][5:], n_classes, sample_shape, pretrained=m["pretrained"], args=m.get("args"))
-    elif m["name"] == "cnn":
-        model = SmallCNN(1, n_classes, growing=m["growing"])
-    else:
-        model = MLP(math.prod(sample_shape), m["hidden"], n_classes, growing=m["growing"])
+    args = {**({"hidden": m["hidden"]} if m["name"] == "mlp" else {}), **(m.get("args") or {})}
+    model = build(m["name"], n_classes, sample_shape, growing=m["growing"], pretrained=m["pretrained"], **args)
     if m.get("checkpoint"):
         load_backbone(model, m["checkpoint"])
     return model
@@ -147,6 +148,19 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     if t["optimizer"] == "adam":
         return torch.optim.Adam(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     return torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+
+
+def loop_options(t: dict) -> dict:
+    """The Strategy's loop options from ``[train]``: schedule, clipping, precision, memory format, compilation
+    and the DataLoader's settings (absent keys keep the Strategy's defaults)."""
+    gamma = t.get("gamma")
+    options = {"schedule": schedule.build(t.get("schedule"), t.get("warmup") or 0, t.get("milestones"),
+                                          0.1 if gamma is None else gamma)}
+    for key in ("clip_grad_norm", "precision", "channels_last", "compile", "num_workers", "pin_memory",
+                "persistent_workers"):
+        if t.get(key) is not None:
+            options[key] = t[key]
+    return options
 
 
 def build_plugins(cfg: dict) -> tuple[list, bool]:
@@ -188,8 +202,11 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
          benchmark: Benchmark | None, model: nn.Module | None) -> dict:
     seed_everything(cfg["seed"])
     bench = benchmark if benchmark is not None else build_benchmark(cfg)
-    sample_shape = tuple(bench.train_stream[0].dataset[0][0].shape)
+    sample = bench.train_stream[0].dataset[0][0]
+    sample_shape = tuple(sample.shape)
     model = build_model(cfg, bench.n_classes, sample_shape) if model is None else model
+    if not sample.is_floating_point() and "mean" in bench.info:  # images stored as bytes
+        model = Standardize(model, bench.info["mean"], bench.info["std"])
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
@@ -201,18 +218,25 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     if (cfg["log"]["console"] if console is None else console) and dist.is_main():
         loggers.append(ConsoleLogger())
     t = cfg["train"]
+    train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
+    validation: list = []  # the held-out parts of the experiences trained so far, evaluated after every epoch
+    if t.get("validation"):
+        parts = [hold_out(e, t["validation"], cfg["seed"] + i) for i, e in enumerate(train_stream)]
+        train_stream, held = [p[0] for p in parts], [p[1] for p in parts]
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",
-                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment"), sample_shape))
+                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment"), sample_shape),
+                        eval_every=1 if t.get("validation") else None, eval_stream=validation, **loop_options(t))
     strategy.checkpoint_meta = {"config": cfg}
     if resume:
         _resume(strategy, out, cfg)
-    train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
     done = len(strategy.trained)
     if done and not strategy.metrics.recorded(done):  # stopped between training and evaluation
         evaluate(strategy, bench.test_stream)
-    for experience in train_stream[done:]:
+    for k, experience in enumerate(train_stream[done:], done):
+        if t.get("validation"):
+            validation[:] = held[:k + 1]
         strategy.train(experience)
         evaluate(strategy, bench.test_stream)
     strategy.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from time import perf_counter
 from typing import Callable, Iterable, Iterator, Sequence
@@ -15,8 +15,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from streamcl import distributed as dist
+from streamcl import schedule
 from streamcl.batch import Batch, Output
-from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error
+from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error, step_position
 from streamcl.checkpoint import Position, settings_of, remove_leftovers
 from streamcl.errors import ConfigError, DataError, PluginError, StreamclError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
@@ -27,6 +28,9 @@ from streamcl.parts import capture_input, find_head, grown_linear, is_linear, re
 from streamcl.plugin import call_chain, check_roles, contributions, make_manager, plugin_name
 from streamcl.scenarios import Experience, TensorData, join
 from streamcl.scenarios.data import seeded
+
+
+PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Strategy:
@@ -40,6 +44,14 @@ class Strategy:
     of one input, e.g. torchvision's ``RandomCrop``, or of a whole batch: :mod:`streamcl.augment`) is
     applied to every training input, replayed ones included, with randomness from ``seed``; memories
     store the inputs before it (``unaugmented``).
+
+    The loop's options, honoured by :meth:`fit` too: ``schedule`` (:mod:`streamcl.schedule`, restarted at every
+    experience), ``clip_grad_norm`` (the gradients' total 2-norm clipped to it), ``precision`` (``"bf16"`` or
+    ``"fp16"``: forward and losses under autocast, fp16 with a gradient scaler), ``channels_last`` (images and
+    convolutions in NHWC), ``compile`` (``torch.compile`` the training forward; a string names the backend).
+    Datasets other than :class:`TensorData` are read by a DataLoader with ``num_workers``, ``pin_memory`` and
+    ``persistent_workers``; each sample is read with the global generators seeded from its position in the
+    stream, so the batches are the same for any number of workers and in a resumed run.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, criterion=None,
@@ -48,7 +60,10 @@ class Strategy:
                  seed: int | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int | None = None, check_finite: bool = True, ddp: dict | None = None,
                  head: str | None = None, eval_every: int | None = None, eval_stream=None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 schedule: Callable[[int, int], float] | None = None, clip_grad_norm: float | None = None,
+                 precision: str | None = None, channels_last: bool = False, compile: bool | str = False,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
         from streamcl.loggers import resolve_loggers
         from streamcl.registry import resolve_plugins
 
@@ -82,6 +97,12 @@ class Strategy:
         if augment is not None and not callable(augment):
             raise ConfigError(f"augment must be a function of one input tensor, got {type(augment).__name__}")
         self.augment = augment
+        self._set_loop_options(schedule, clip_grad_norm, precision, channels_last, compile)
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ConfigError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
+        self.loader_options = {"num_workers": num_workers, "pin_memory": bool(pin_memory),
+                               "persistent_workers": bool(persistent_workers) and num_workers > 0}
+        self._loader: tuple | None = None  # (dataset, DataLoader, its batch list) kept while persistent_workers
         check_roles(self.plugins)
         self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
         hooks = self.pm.hook
@@ -143,6 +164,7 @@ class Strategy:
             at.check(exp)
             self.model.train()
             self.train_dataset = self.train_dataset if self._joined_data else self._on_device(exp.dataset)
+        self.steps_per_epoch = self._n_batches(len(self.train_dataset), self.batch_size, self._batchnorm)
         for self.epoch in range(at.epoch if at else 0, self.epochs):
             start = at.iteration if at and self.epoch == at.epoch else 0
             if not start:
@@ -155,6 +177,10 @@ class Strategy:
             self._emit("after_training_epoch")
             if self.eval_every and (self.epoch + 1) % self.eval_every == 0:
                 self.eval(self.eval_stream)
+        self._drop_loader()
+        self._settle_loss_check()
+        if self.schedule is not None:
+            schedule.restore(self.optimizer)
         self.trained.append(exp)
         self._emit("after_training_exp")
         if self.checkpoint_dir is not None:
@@ -162,6 +188,9 @@ class Strategy:
 
     def _training_step(self, batch: Batch) -> None:
         self.batch = batch
+        if self.schedule is not None:
+            step = self.epoch * self.steps_per_epoch + self.iteration
+            schedule.apply(self.optimizer, self.schedule(step, self.epochs * self.steps_per_epoch))
         self._emit("before_training_iteration")
         self.n_current = len(self.batch)  # samples of the experience; replayed ones follow them
         if self._hook["replay_batch"]:
@@ -177,26 +206,79 @@ class Strategy:
         self.unaugmented = self.batch
         if self.augment is not None:
             self.batch = Batch(self._augmented(self.batch.x), self.batch.y, self.batch.t)
+        if self.channels_last and self.batch.x.ndim == 4:
+            self.batch = Batch(self.batch.x.contiguous(memory_format=torch.channels_last), self.batch.y, self.batch.t)
         self.optimizer.zero_grad(set_to_none=True)
-        self._emit("before_forward")
-        self.output = self.forward(self.batch)
-        self._emit("after_forward")
-        self.loss = self.task_loss(self.output, self.batch)
-        self.loss_terms = {"task": self.loss}
-        if self._hook["loss_terms"]:
-            self._add_loss_terms()
-        if self.check_finite and not self._loss_is_finite():
-            raise non_finite_error(self)
+        with self.autocast():
+            self._emit("before_forward")
+            self.output = self.forward(self.batch)
+            self._emit("after_forward")
+            self.loss = self.task_loss(self.output, self.batch)
+            self.loss_terms = {"task": self.loss}
+            if self._hook["loss_terms"]:
+                self._add_loss_terms()
+        if self.check_finite:
+            self._check_loss()
         self._emit("before_backward")
-        self.loss.backward()
+        self.backward(self.loss, self.optimizer)
         self._emit("after_backward")
         self._emit("before_update")
-        self.optimizer.step()
+        self.step(self.optimizer)
         self._emit("after_update")
         self._emit("after_training_iteration")
         self.global_step += 1
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and self.checkpoint_dir:
             self.save_checkpoint(position=True)
+
+    def _set_loop_options(self, schedule_, clip_grad_norm, precision, channels_last, compile_) -> None:
+        if schedule_ is not None and not callable(schedule_):
+            raise ConfigError(f"schedule must map (step, total steps) to a factor, e.g. streamcl.schedule.Cosine(); "
+                              f"got {schedule_!r}")
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                           or not 0 < clip_grad_norm < math.inf):
+            raise ConfigError(f"clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}: use one of {', '.join(map(repr, PRECISIONS))}")
+        self.schedule, self.clip_grad_norm, self.precision = schedule_, clip_grad_norm, precision
+        self.channels_last, self.compile = bool(channels_last), compile_
+        self.steps_per_epoch = 0
+        self._lagged = self.device.type == "cuda" and self.world == 1  # see _check_loss
+        self._pending_check: tuple | None = None
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def autocast(self):
+        """The forward's mixed-precision context (``precision``); a no-op context at full precision."""
+        if self.precision is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()``, scaled under fp16; the gradients are unscaled after it, so hooks see the real ones."""
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` after clipping the gradients to ``clip_grad_norm`` (under fp16, through the
+        scaler, which skips a step whose gradients overflowed)."""
+        if self.clip_grad_norm is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def _training_net(self):
+        net = dist.wrap(self.model, self.device, **self.ddp_options)
+        if self.compile:
+            net = torch.compile(net, **({"backend": self.compile} if isinstance(self.compile, str) else {}))
+        return net
 
     def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         """``augment`` on the inputs (whole batch if it is ``batched``, else each one), seeded from the step."""
@@ -409,7 +491,9 @@ class Strategy:
         groups = [g for gs in self._contributions("param_groups", model=self.model) for g in gs]
         self.param_groups.sync(self.optimizer, self.model, groups)
         self._inspect_model()
-        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._net = self._training_net()
 
     @torch.no_grad()
     def forget_momentum(self, param: nn.Parameter, rows=None) -> None:
@@ -477,18 +561,20 @@ class Strategy:
                 hook(strategy=self, active=True)
 
     def fit(self, data: Batch, loss: Callable[[Batch], torch.Tensor], params: Iterable[nn.Parameter], *,
-            epochs: int, name: str, batch_size: int | None = None, **options) -> list[float]:
+            epochs: int, name: str, batch_size: int | None = None, scheduled: bool = True, **options) -> list[float]:
         """A private training loop (GDumb's retraining, DER's classifier stage, P&C's compression).
 
         Trains ``params`` for ``epochs`` on shuffled minibatches of ``data`` (order from ``self.generator``),
         minimising ``loss(minibatch)``, with a fresh optimizer of the strategy's kind: each parameter keeps
         the settings (learning rate...) of its group in the strategy's optimizer, ``options`` override them.
-        Logs ``loss/<name>`` (each epoch's mean) and returns those means. ``strategy.is_training`` is true
-        while it runs.
+        The loop's ``schedule`` (restarted over this loop's steps; ``scheduled=False`` for a loop that sets its
+        own rates), ``clip_grad_norm`` and ``precision`` apply. Logs ``loss/<name>`` (each epoch's mean) and
+        returns those means. ``strategy.is_training`` is true while it runs.
         """
         params = list(params)
         optimizer = type(self.optimizer)(self._groups_for(params, options))
         size, means, was_training = batch_size or self.batch_size, [], self.is_training
+        step, steps = 0, epochs * self._n_batches(len(data), size, False)
         self.is_training = True  # plugins' forward transforms see a training pass, also when fit runs in eval
         with torch.enable_grad(), _restore(self, "is_training", was_training):
             for _ in range(epochs):
@@ -498,11 +584,15 @@ class Strategy:
                     part = data.select(order[i:i + size])
                     if len(part) == 1 < len(order) and self._batchnorm:
                         continue  # as in training: BatchNorm cannot train on one sample
+                    if scheduled and self.schedule is not None:
+                        schedule.apply(optimizer, self.schedule(step, steps))
+                    step += 1
                     optimizer.zero_grad(set_to_none=True)
-                    value = loss(part)
-                    value.backward()
-                    optimizer.step()
-                    total += value.detach() * len(part)
+                    with self.autocast():
+                        value = loss(part)
+                    self.backward(value, optimizer)
+                    self.step(optimizer)
+                    total += value.detach().float() * len(part)
                 means.append(float(total) / max(1, len(data)))
                 if self.check_finite and not math.isfinite(means[-1]):
                     raise TrainingError(f"non-finite loss in {name!r} (a private training loop); lower its "
@@ -523,8 +613,9 @@ class Strategy:
             raise ConfigError("none of the parameters a private training loop trains is in the optimizer you "
                               "built; add them to it")
         base = self.optimizer.param_groups or [self.optimizer.defaults]
-        return [{**{k: v for k, v in base[i].items() if k not in ("params", "from_plugin")}, **options, "params": ps}
-                for i, ps in chosen.items()]
+        own = [{**{k: v for k, v in g.items() if k not in ("params", "from_plugin", "base_lr")},
+                **({"lr": g["base_lr"]} if "base_lr" in g else {})} for g in base]  # unscheduled rates
+        return [{**own[i], **options, "params": ps} for i, ps in chosen.items()]
 
     def batches(self, data: Dataset, batch_size: int, order: torch.Tensor | None = None, start: int = 0,
                 local: bool = False, seed: tuple = (), drop_single: bool = False) -> Iterator[Batch]:
@@ -549,14 +640,34 @@ class Strategy:
                 yield Batch(data.x[idx], data.y[idx], data.t[idx])
         else:
             order = order if order is not None else torch.arange(n)
-            sampler = [(dist.shard(order[i:i + batch_size]) if world > 1 else order[i:i + batch_size]).tolist()
-                       for i in range(first, n, batch_size)]
-            loader = iter(DataLoader(data, batch_sampler=sampler, collate_fn=Batch.collate,
-                                     generator=torch.Generator()))  # draws nothing from torch's global generator
-            for k in range(start, start + len(sampler)):
-                with seeded(hash((self.seed, seed, k)) % 2**63):
-                    batch = next(loader)
-                yield batch.to(self.device)
+            sampler = [[(int(j), (*seed, k)) for j in (dist.shard(order[i:i + batch_size]) if world > 1
+                                                        else order[i:i + batch_size]).tolist()]
+                       for k, i in enumerate(range(first, n, batch_size), start)]
+            for batch in self._loader_for(data, sampler, keep=bool(seed)):
+                yield batch.to(self.device, non_blocking=self.loader_options["pin_memory"])
+
+    def _loader_for(self, data: Dataset, batches: list, keep: bool) -> DataLoader:
+        """A DataLoader reading ``batches`` (lists of (index, key)) of ``data``, each sample under a generator
+        state seeded from (seed, key, index); with ``persistent_workers`` one loader (``keep``) serves every
+        epoch of the experience."""
+        if keep and self._loader is not None and self._loader[0] is data:
+            self._loader[2][:] = batches
+            return self._loader[1]
+        plan = list(batches)
+        loader = DataLoader(SeededSamples(data, self.seed), batch_sampler=plan, collate_fn=Batch.collate,
+                            generator=torch.Generator(), **self.loader_options)  # draws nothing from torch's generator
+        if keep and self.loader_options["persistent_workers"]:
+            self._loader = (data, loader, plan)
+        return loader
+
+    def _drop_loader(self) -> None:
+        self._loader = None  # the workers of a persistent loader end with it
+
+    @staticmethod
+    def _n_batches(n: int, batch_size: int, drop_single: bool) -> int:
+        if drop_single and n > 1 and n % batch_size == 1:
+            n -= 1
+        return -(-n // batch_size)
 
     def _on_device(self, data: Dataset) -> Dataset:
         return data.to(self.device) if isinstance(data, TensorData) else data
@@ -583,12 +694,38 @@ class Strategy:
             self.model = call_chain(self.pm, "adapt_model", self.model, strategy=self, experience=exp).to(self.device)
         self.model_changed()
 
-    def _loss_is_finite(self) -> bool:
-        finite = math.isfinite(self.loss.item())
-        if self.world > 1:  # one rank's bad loss stops every rank, together
-            flag = torch.tensor([float(finite)], device=self.device)
-            finite = dist.all_reduce(flag, "min").item() == 1.0
-        return finite
+    def _check_loss(self) -> None:
+        """Raise on a non-finite loss. On one GPU the check runs one step behind, without stalling the device:
+        each step's flags are copied to the host asynchronously and read at the next step (or before a
+        checkpoint, or at the experience's end); elsewhere the loss is read at once."""
+        if not self._lagged:
+            finite = math.isfinite(self.loss.item())
+            if self.world > 1:  # one rank's bad loss stops every rank, together
+                flag = torch.tensor([float(finite)], device=self.device)
+                finite = dist.all_reduce(flag, "min").item() == 1.0
+            if not finite:
+                raise non_finite_error(self)
+            return
+        self._settle_loss_check()
+        names = list(self.loss_terms)
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in self.loss_terms.values()])
+        cuda = flags.device.type == "cuda"
+        host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=cuda).copy_(flags, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._pending_check = (host, event, names, step_position(self))
+
+    def _settle_loss_check(self) -> None:
+        """Read the lagged non-finite check of the last step, if one is pending; raise if it failed."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is None:
+            return
+        host, event, names, where = pending
+        if event is not None:
+            event.synchronize()
+        if not bool(host.all()):
+            raise non_finite_error(self, [n for n, ok in zip(names, host.tolist()) if not ok], where, updated=True)
 
     def _inspect_model(self) -> None:
         """Find the head again (when the model was replaced or its head moved) and the forward's arguments."""
@@ -625,6 +762,7 @@ class Strategy:
         With ``position`` the checkpoint is taken inside the current experience, after this step.
         """
         from streamcl.checkpoint import save
+        self._settle_loss_check()  # never write weights a non-finite step has updated
         path = Path(path) if path else self.checkpoint_path
         return save(self, path, position) if dist.is_main() else path  # every rank holds the same state
 
@@ -634,7 +772,7 @@ class Strategy:
         differs; nothing of the checkpoint's is mixed with this strategy's. ``check_meta(meta)`` may refuse it first."""
         from streamcl.checkpoint import load
         meta = load(self, Path(path) if path else self.checkpoint_path, check_meta)
-        self._net = dist.wrap(self.model, self.device, **self.ddp_options)
+        self._net = self._training_net()
         return meta
 
     @property
@@ -658,6 +796,22 @@ class Strategy:
     @property
     def plugin_names(self) -> list[str]:
         return [plugin_name(p) for p in self.plugins]
+
+
+class SeededSamples(Dataset):
+    """``data[i]`` for items ``(i, key)``, read with torch's, Python's and numpy's global generators seeded from
+    ``(seed, key, i)``: a random transform inside ``data`` draws the same in any worker process and on resume."""
+
+    def __init__(self, data: Dataset, seed: int):
+        self.data, self.seed = data, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        i, key = item
+        with seeded(hash((self.seed, key, i)) % 2**63):
+            return self.data[i]
 
 
 def _takes_task(model: nn.Module) -> bool:

@@ -6,7 +6,9 @@ from typing import Iterator, Sequence
 
 from torch.utils.data import Dataset
 
-from streamcl.scenarios.data import join
+import torch
+
+from streamcl.scenarios.data import join, subset
 
 
 @dataclass
@@ -86,3 +88,16 @@ class Benchmark:
 
 def make_stream(parts: Sequence[tuple[Dataset, tuple[int, ...], int | None]], n_classes: int, name: str) -> Stream:
     return Stream([Experience(i, d, c, n_classes, t, name) for i, (d, c, t) in enumerate(parts)], name)
+
+
+def hold_out(experience: Experience, fraction: float, seed: int = 0) -> tuple[Experience, Experience]:
+    """``experience`` cut in two at random (``seed``): the training part, and a validation part of
+    ``fraction`` of its samples (at least one, at most all but one) with the same classes, task and index."""
+    n = len(experience)
+    k = min(n - 1, max(1, round(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = []
+    for index, origin in ((order[k:].sort().values, experience.origin), (order[:k].sort().values, "validation")):
+        parts.append(Experience(experience.index, subset(experience.dataset, index), experience.classes,
+                                experience.n_classes, experience.task, origin, experience.covers))
+    return parts[0], parts[1]
