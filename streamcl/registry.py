@@ -79,13 +79,14 @@ def build_plugin(name: str, **kwargs) -> object:
     return factory(**kwargs)
 
 
-def check_arguments(factory: Callable, kwargs: dict, what: str) -> None:
-    """Raise :class:`ConfigError` naming any argument ``factory`` does not take, and the ones it does."""
+def check_arguments(factory: Callable, kwargs: dict, what: str, fixed: Sequence[str] = ()) -> None:
+    """Raise :class:`ConfigError` naming any argument ``factory`` does not take, and the ones it does; ``fixed``
+    arguments are given by the caller, never in ``kwargs``."""
     params = init_signature(factory).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = [k for k in kwargs if k not in allowed]
+    allowed = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               and n not in fixed]
+    anything = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k in fixed or not (anything or k in allowed)]
     if unknown:
         raise ConfigError(f"{what} has no argument {', '.join(map(repr, unknown))}; "
                           f"it takes: {', '.join(allowed) or '(no arguments)'}")
