@@ -1,4 +1,5 @@
-"""``streamcl run CONFIG.toml``, ``streamcl plugins``, ``streamcl methods``, ``streamcl demo``."""
+"""``streamcl run CONFIG.toml``, ``streamcl plugins``, ``streamcl models``, ``streamcl benchmarks``, ``streamcl methods``,
+``streamcl demo``."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-experience lines")
     run.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt of an earlier run")
     sub.add_parser("plugins", help="list built-in and installed plugins and where each comes from")
+    sub.add_parser("models", help="list the models [model] name takes and where each comes from")
+    sub.add_parser("benchmarks", help="list the benchmarks [benchmark] name takes and where each comes from")
     sub.add_parser("methods", help="list the named recipes")
     demo = sub.add_parser("demo", help="run SFM-5 with a few methods and print a results table")
     demo.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo)")
@@ -29,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "plugins": _plugins, "methods": _methods, "demo": _demo}[args.command](args)
+        return {"run": _run, "plugins": _plugins, "models": _models, "benchmarks": _benchmarks, "methods": _methods,
+                "demo": _demo}[args.command](args)
     except StreamclError as err:
         print(f"streamcl: error: {err}", file=sys.stderr)
         return 2
@@ -54,10 +58,28 @@ def _run(args) -> int:
 def _plugins(args) -> int:
     from streamcl.registry import available_plugins
 
-    rows = [(i.name, "built-in" if i.builtin else f"{i.distribution} {i.version}", i.target)
-            for i in available_plugins().values()]
-    _table(("plugin", "from", "object"), rows)
+    _listing("plugin", available_plugins())
     return 0
+
+
+def _models(args) -> int:
+    from streamcl.registry import available_models
+
+    _listing("model", available_models(), [("timm:<name>", "timm", "any timm model (pip install 'streamcl[pretrained]')")])
+    return 0
+
+
+def _benchmarks(args) -> int:
+    from streamcl.registry import available_benchmarks
+
+    _listing("benchmark", available_benchmarks())
+    return 0
+
+
+def _listing(kind: str, entries: dict, extra: list[tuple] = ()) -> None:
+    """One row per registered entry: its name, built-in or the distribution (and version) it comes from, the object."""
+    rows = [(i.name, "built-in" if i.builtin else f"{i.distribution} {i.version}", i.target) for i in entries.values()]
+    _table((kind, "from", "object"), rows + list(extra))
 
 
 def _methods(args) -> int:

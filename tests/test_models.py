@@ -161,3 +161,16 @@ def test_mlp_and_cnn_from_the_registry_are_the_models_of_old_bit_for_bit():
         ref = old()
         assert [(k, v.shape) for k, v in new.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
         assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), ref.state_dict().values()))
+
+
+def test_cli_lists_models_and_benchmarks_as_it_lists_plugins(capsys):
+    from streamcl import cli
+
+    assert cli.main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {*registry.available_models(), "timm:<name>"}
+    assert "built-in" in rows["resnet32"] and "streamcl.models.resnets:resnet32" in rows["resnet32"]
+    assert cli.main(["benchmarks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["benchmark", "from", "object"]
+    assert {line.split()[0] for line in out[2:]} == set(registry.available_benchmarks())
