@@ -1,15 +1,14 @@
 """Fashion-MNIST (Xiao et al. 2017) as tensors, from local IDX files or torchvision's download."""
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from streamcl.datasets import common
 from streamcl.errors import DataError, DatasetNotFound
 from streamcl.scenarios.data import TensorData
 
@@ -34,33 +33,16 @@ CORRUPT = ("{path} is damaged ({why}). Get a good copy: delete it, and streamcl 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array of its declared shape; :class:`DataError` naming
     the file when it is truncated or garbled."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(CORRUPT.format(path=path, why=f"{type(err).__name__}: {err}", debian=DEBIAN_ROOT)) from None
-    ndim = raw[3] if len(raw) >= 4 else 0
-    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\0\0\x08":
-        raise DataError(CORRUPT.format(path=path, why="not an unsigned-byte IDX file", debian=DEBIAN_ROOT))
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) - 4 - 4 * ndim != np.prod(shape, dtype=np.int64):
-        raise DataError(CORRUPT.format(path=path, why=f"{len(raw) - 4 - 4 * ndim} bytes of data for shape {shape}",
-                                       debian=DEBIAN_ROOT))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return common.read_idx(path, lambda p, why: CORRUPT.format(path=p, why=why, debian=DEBIAN_ROOT))
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+_find = common.find_file
 
 
 def candidate_folders(root: str | os.PathLike | None) -> list[Path]:
     """Where the IDX files are looked for, in order: ``root``, ``$STREAMCL_DATA``, the Debian location."""
-    roots = [Path(r) for r in (root, os.environ.get("STREAMCL_DATA")) if r] + [DEBIAN_ROOT]
-    return [f for r in roots for f in (r, r / "FashionMNIST" / "raw", r / "fashion-mnist")]
+    return [f for r in common.search_roots(root, DEBIAN_ROOT)
+            for f in (r, r / "FashionMNIST" / "raw", r / "fashion-mnist")]
 
 
 def fashion_mnist(root: str | os.PathLike | None = None, *, flatten: bool = True, normalize: bool = True,
@@ -104,7 +86,7 @@ def _to_tensors_arrays(images: np.ndarray, labels: np.ndarray, flatten: bool, no
 
 def _download(root) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """torchvision's download into ``root`` (or ``$STREAMCL_DATA``, or ~/.cache/streamcl); None on failure."""
-    target = Path(root or os.environ.get("STREAMCL_DATA") or Path.home() / ".cache" / "streamcl")
+    target = common.download_root(root)
     try:
         from torchvision.datasets import FashionMNIST
         sets = [FashionMNIST(str(target), train=t, download=True) for t in (True, False)]
