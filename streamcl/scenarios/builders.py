@@ -9,21 +9,32 @@ from torch.utils.data import Dataset
 
 from streamcl.errors import DataError
 from streamcl.scenarios.data import TensorData, as_dataset, subset, targets_of
-from streamcl.scenarios.stream import Benchmark, make_stream
+from streamcl.scenarios.stream import Benchmark, Experience, Stream, make_stream
 
 
 def split_classes(classes: Sequence[int], n_experiences: int | None = None,
-                  classes_per_exp: int | None = None, first: int | None = None) -> list[list[int]]:
+                  classes_per_exp: int | Sequence[int] | None = None, first: int | None = None) -> list[list[int]]:
     """Cut an ordered class list into experiences.
 
     ``first`` classes go to experience 0 (the "B50-Inc10" protocol); the rest are cut into
-    ``n_experiences`` equal parts, or into parts of ``classes_per_exp``.
+    ``n_experiences`` equal parts, or into parts of ``classes_per_exp``: an int, or a list of ints for
+    experiences of unequal sizes, in order (e.g. ``[5, 3, 2]``), which must add up to the classes left.
     """
     classes = list(classes)
     head, rest = ([], classes) if first is None else (classes[:first], classes[first:])
     if first is not None and not 0 < first <= len(classes):
         raise DataError(f"first experience of {first} classes; the stream has {len(classes)}")
     n_rest = None if n_experiences is None else n_experiences - (first is not None)
+    if classes_per_exp is not None and not isinstance(classes_per_exp, int):
+        sizes = [int(k) for k in classes_per_exp]
+        if not sizes or min(sizes) <= 0 or sum(sizes) != len(rest):
+            raise DataError(f"classes_per_exp = {sizes} must be positive sizes that add up to the {len(rest)} "
+                            f"classes {'after the first experience' if head else 'of the stream'}")
+        if n_rest is not None and len(sizes) != n_rest:
+            raise DataError(f"classes_per_exp = {sizes} makes {len(sizes) + bool(head)} experiences, "
+                            f"not n_experiences = {n_experiences}")
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        return ([head] if head else []) + [rest[e - k:e] for e, k in zip(ends, sizes)]
     if classes_per_exp is None:
         if not n_rest or n_rest < 0 or len(rest) % n_rest:
             raise DataError(f"{len(rest)} classes do not split into {n_rest} equal experiences; "
@@ -38,7 +49,8 @@ def split_classes(classes: Sequence[int], n_experiences: int | None = None,
     return ([head] if head else []) + parts
 
 
-def class_incremental(train, test, n_experiences: int | None = None, *, classes_per_exp: int | None = None,
+def class_incremental(train, test, n_experiences: int | None = None, *,
+                      classes_per_exp: int | Sequence[int] | None = None,
                       class_order: Sequence[int] | None = None, seed: int | None = None,
                       first_exp_classes: int | None = None, task_labels: bool = False) -> Benchmark:
     """Split a labelled dataset by class: experience i holds the i-th group of ``class_order``.
@@ -121,3 +133,32 @@ def domain_incremental(train, test, n_experiences: int,
 
     return Benchmark(make_stream(parts(train), n_classes, "train"), make_stream(parts(test), n_classes, "test"),
                      n_classes, "domain", {"split": split})
+
+
+def split_online(benchmark: Benchmark, experience_size: int, *, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False) -> Benchmark:
+    """The online setting: each training experience cut into consecutive experiences of ``experience_size``
+    samples, trained one after the other in a single pass (Avalanche's ``split_online_stream``; Aljundi et al.
+    2019, Mai et al. 2022 train online with one epoch). Each small experience keeps its parent's task label,
+    lists the classes present in it, and ``covers`` the parent's test experience, so the accuracy matrix keeps
+    one column per original experience. ``shuffle`` permutes each experience's samples first (seeded with
+    ``seed`` and the experience's index); ``drop_last`` drops a last part shorter than ``experience_size``.
+    The test stream is unchanged; ``info["online"]`` gives the size and each small experience's parent."""
+    if not isinstance(experience_size, int) or experience_size < 1:
+        raise DataError(f"experience_size must be a positive number of samples, got {experience_size!r}")
+    out, parents = [], []
+    for exp in benchmark.train_stream:
+        n = len(exp.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + exp.index)) if shuffle \
+            else torch.arange(n)
+        for lo in range(0, n, experience_size):
+            index = order[lo:lo + experience_size]
+            if drop_last and len(index) < experience_size:
+                break
+            part = subset(exp.dataset, index)
+            present = tuple(sorted(set(targets_of(part).tolist())))
+            out.append(Experience(len(out), part, present, exp.n_classes, exp.task, exp.origin, exp.covers))
+            parents.append(exp.index)
+    info = {**benchmark.info, "online": {"experience_size": experience_size, "parents": parents}}
+    return Benchmark(Stream(out, benchmark.train_stream.name), benchmark.test_stream, benchmark.n_classes,
+                     benchmark.scenario, info)
