@@ -74,6 +74,12 @@ def mlp(n_classes: int = 10) -> nn.Module:
     return MLP(784, [32], n_classes)
 
 
+def resnet32(n_classes: int = 10) -> nn.Module:
+    """streamcl's resnet32 (He et al. 2016's CIFAR ResNet, option A shortcuts) on 1x28x28 images."""
+    from streamcl.models import build
+    return build("resnet32", n_classes, (1, 28, 28))
+
+
 class NoHead(nn.Module):
     """A model whose only linear layer is not named as a head: the engine finds no classifier head."""
 
@@ -85,7 +91,7 @@ class NoHead(nn.Module):
         return self.body(x)
 
 
-USER_MODELS = {"mlp": mlp, "sequential": sequential, "resnet18": resnet18, "vit": vit}
+USER_MODELS = {"mlp": mlp, "sequential": sequential, "resnet18": resnet18, "vit": vit, "resnet32": resnet32}
 
 
 class ItemDataset(torch.utils.data.Dataset):
@@ -108,3 +114,100 @@ class ItemDataset(torch.utils.data.Dataset):
 def jitter(x: torch.Tensor) -> torch.Tensor:
     """A random transform drawing from torch's global generator, as torchvision's do."""
     return x + 0.5 * torch.randn_like(x)
+
+
+# ----------------------------------------------------------------------------- dataset files in their real formats
+def cifar_rows(n: int, offset: int = 0):
+    """``n`` CIFAR rows of 3072 bytes (1024 red, 1024 green, 1024 blue, each 32x32 row-major): byte p of row i
+    is ``(i + offset + p) % 256``, so every pixel can be checked exactly."""
+    import numpy as np
+    return ((np.arange(n)[:, None] + offset + np.arange(3072)[None, :]) % 256).astype(np.uint8)
+
+
+def write_cifar(root, n_classes: int = 100, per_class: int = 2, test_per_class: int = 1, protocol: int = 2):
+    """CIFAR-10 (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``) or CIFAR-100 (``cifar-100-python/
+    train``, ``test``) files under ``root`` as the originals hold them: pickled dicts with ``data`` (uint8 rows,
+    :func:`cifar_rows`) and the labels as a list (training row i: class ``i % n_classes``; test rows offset by
+    1000). Returns ``root``."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+    root = Path(root)
+    n_train, n_test = n_classes * per_class, n_classes * test_per_class
+    train = {"x": cifar_rows(n_train), "y": [i % n_classes for i in range(n_train)]}
+    test = {"x": cifar_rows(n_test, 1000), "y": [i % n_classes for i in range(n_test)]}
+    if n_classes == 100:
+        folder, key = root / "cifar-100-python", "fine_labels"
+        files = {"train": (train, slice(None)), "test": (test, slice(None))}
+    else:
+        folder, key = root / "cifar-10-batches-py", "labels"
+        cuts = np.array_split(np.arange(n_train), 5)
+        files = {f"data_batch_{k + 1}": (train, slice(int(c[0]), int(c[-1]) + 1)) for k, c in enumerate(cuts)}
+        files["test_batch"] = (test, slice(None))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (part, rows) in files.items():
+        batch = {"batch_label": f"{name} of a test copy", key: part["y"][rows], "data": part["x"][rows],
+                 "filenames": [f"img_{i}.png" for i in range(len(part["y"]))][rows]}
+        if n_classes == 100:
+            batch["coarse_labels"] = [y // 5 for y in batch[key]]
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+    return root
+
+
+def write_idx(path, array) -> None:
+    """An IDX file (gzipped when ``path`` ends in .gz) holding uint8 ``array``."""
+    import gzip
+    import struct
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def write_mnist(folder, n_train: int = 20, n_test: int = 10, gz: bool = True):
+    """The four MNIST IDX files in ``folder``: image i is filled with value ``i``, its label ``i % 10``."""
+    import numpy as np
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    end = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte{end}", np.arange(n)[:, None, None] * np.ones((1, 28, 28)))
+        write_idx(folder / f"{split}-labels-idx1-ubyte{end}", np.arange(n) % 10)
+    return folder
+
+
+def colour(k: int) -> tuple[int, int, int]:
+    """A distinct flat RGB colour for class (or image) ``k``."""
+    return (40 * k % 256, 255 - 30 * k % 256, 60 + 50 * k % 196)
+
+
+def write_image(path, rgb: tuple[int, int, int], size: tuple[int, int] = (64, 64), mode: str = "RGB") -> None:
+    """A flat-coloured image file (its format from the suffix: .png, .jpg, .JPEG)."""
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, rgb)
+    (img.convert("L") if mode == "L" else img).save(path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg")
+                                                    else "PNG", **({"quality": 100} if path.suffix != ".png" else {}))
+
+
+def write_tiny_imagenet(root, wnids=("n03", "n01", "n02"), per_class: int = 2, val_per_class: int = 1):
+    """A ``tiny-imagenet-200`` folder: ``wnids.txt`` (unsorted, as the real one), ``train/<wnid>/images/*.JPEG``,
+    ``val/images/*.JPEG`` and ``val/val_annotations.txt``; every image of the k-th sorted wnid is flat
+    :func:`colour` (k). Returns ``root``."""
+    from pathlib import Path
+    root = Path(root)
+    base = root / "tiny-imagenet-200"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    lines, v = [], 0
+    for k, w in enumerate(sorted(wnids)):
+        for i in range(per_class):
+            write_image(base / "train" / w / "images" / f"{w}_{i}.JPEG", colour(k))
+        for _ in range(val_per_class):
+            write_image(base / "val" / "images" / f"val_{v}.JPEG", colour(k))
+            lines.append(f"val_{v}.JPEG\t{w}\t0\t0\t63\t63")
+            v += 1
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
