@@ -1,4 +1,4 @@
-"""Every built-in plugin and recipe on the four kinds of model users bring (tests/conftest.py USER_MODELS):
+"""Every built-in plugin and recipe on the five kinds of model users bring (tests/conftest.py USER_MODELS):
 each runs a short class-incremental stream to the end, or is refused when the Strategy is built, with a
 message that names what the model lacks. Nothing may fail half-way."""
 from __future__ import annotations
@@ -18,16 +18,16 @@ MASKS = "der masks the units of fully connected layers"  # DER(masks=False) runs
 LATERALS = "wires lateral adaptors between fully connected layers only"  # Progress & Compress, PNN
 HAT = "hat masks the units of fully connected layers"
 REFUSED: dict[tuple[str, str], str] = {
-    **{(unit, model): MASKS for unit in ("plugin:der", "method:der") for model in ("resnet18", "vit")},
+    **{(unit, model): MASKS for unit in ("plugin:der", "method:der") for model in ("resnet18", "vit", "resnet32")},
     **{(unit, model): HAT for unit in ("plugin:hat", "method:hat", "plugin:hat:task", "method:hat:task")
-       for model in ("resnet18", "vit")},
+       for model in ("resnet18", "vit", "resnet32")},
     **{(unit, model): LATERALS for unit in ("plugin:progress_compress", "method:progress_compress",
                                             "plugin:progressive_networks", "method:pnn",
                                             "plugin:progressive_networks:task", "method:pnn:task")
-       for model in ("resnet18", "vit")},
+       for model in ("resnet18", "vit", "resnet32")},
     **{(unit, model): "needs a timm VisionTransformer" for unit in ("plugin:l2p", "method:l2p", "plugin:dual_prompt",
                                                                     "method:dualprompt")
-       for model in ("mlp", "sequential", "resnet18")}}
+       for model in ("mlp", "sequential", "resnet18", "resnet32")}}
 
 
 def _build(part: dict, model_name: str):
