@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from streamcl import DataError, DatasetNotFound, config, runner
-from streamcl.datasets import cifar10, cifar100, cub200, image_folder, mnist, tiny_imagenet
-from streamcl.datasets.image_folder import ImageFiles
+from streamcl.datasets import cifar10, cifar100, cub200, tiny_imagenet
+from streamcl.datasets.image_folder import ImageFiles, image_folder
+from streamcl.datasets.mnist import mnist
 from streamcl.errors import ConfigError
 from streamcl.registry import available_benchmarks
 from streamcl.scenarios import (catalog, permuted_mnist, split_cifar10, split_cifar100, split_classes, split_mnist,

@@ -122,12 +122,13 @@ def permuted_mnist(root: str | os.PathLike | None = None, *, n_experiences: int 
                    task_labels: bool = False, permutation_seed: int = 0, keep_first: bool = False,
                    split_data: bool = False, train_range: Sequence[int] | None = None,
                    download: bool = True) -> Benchmark:
-    """Permuted MNIST: 10 experiences, each the whole training and test set under its own fixed pixel
-    permutation (Goodfellow et al. 2014; Kirkpatrick et al. 2017; Hsu et al. 2018; van de Ven & Tolias 2019 run
-    10). Permutation k is the k-th draw of ``np.random.RandomState(permutation_seed).permutation(784)``, every
+    """Permuted MNIST (Goodfellow et al. 2014; Kirkpatrick et al. 2017): 10 experiences, as Hsu et al. 2018 and
+    van de Ven & Tolias 2019 run it, each the whole training and test set under its own fixed pixel
+    permutation. Permutation k is the k-th draw of ``np.random.RandomState(permutation_seed).permutation(784)``, every
     experience permuted, as Avalanche's ``PermutedMNIST(seed=...)``; ``keep_first`` leaves experience 0 the
     original digits and draws the others in turn (van de Ven et al.'s ``exception``). ``split_data`` cuts the
-    data into disjoint chunks instead (GEM, Lopez-Paz & Ranzato 2017, trains on 1,000 samples per task).
+    data into disjoint chunks instead, for smaller experiences (GEM, Lopez-Paz & Ranzato 2017, trains on
+    1,000 samples per task; ``train_range`` picks fewer training images).
     ``task_labels``: experience k is task k at train and test time. Inputs uint8 (N, 1, 28, 28)."""
     from streamcl.datasets.mnist import MEAN, STD, mnist
 
@@ -183,8 +184,8 @@ def split_cifar10(root: str | os.PathLike | None = None, *, n_experiences: int |
                   class_order: Sequence[int] | None = None, class_seed: int | None = None,
                   classes_per_exp: int | Sequence[int] | None = None, first_exp_classes: int | None = None,
                   train_range: Sequence[int] | None = None, download: bool = True) -> Benchmark:
-    """Split CIFAR-10: 5 experiences of 2 classes in label order (Zenke et al. 2017; Buzzega et al. 2020's
-    Seq-CIFAR-10). Inputs uint8 (N, 3, 32, 32)."""
+    """Split CIFAR-10: 5 experiences of 2 classes in label order (Buzzega et al. 2020's Seq-CIFAR-10; van de
+    Ven et al. 2022). Inputs uint8 (N, 3, 32, 32)."""
     from streamcl.datasets.cifar import CIFAR10_MEAN, CIFAR10_STD, cifar10
 
     train, test = cifar10(root, download=download)
@@ -271,9 +272,9 @@ def cub200(root: str | os.PathLike | None = None, *, image_size: int = 224, cent
            class_order: Sequence[int] | None = None, class_seed: int | None = None,
            classes_per_exp: int | Sequence[int] | None = None, first_exp_classes: int | None = None,
            train_range: Sequence[int] | None = None) -> Benchmark:
-    """CUB-200-2011 in its official layout and train/test split: 10 experiences of 20 classes in label order
-    (as the pre-trained-model methods run it, e.g. SLCA, Zhang et al. 2023). Images resized to ``image_size``
-    square, uint8 (N, 3, size, size); ImageNet's mean/std."""
+    """CUB-200-2011 in its official layout and train/test split: 10 experiences of 20 classes (as SLCA, Zhang
+    et al. 2023, runs it), in label order; ``class_seed=1993`` gives the order of PyCIL-based code such as
+    SLCA's. Images resized to ``image_size`` square, uint8 (N, 3, size, size); ImageNet's mean/std."""
     from streamcl.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD
     from streamcl.datasets.image_folder import cub200 as load
 
