@@ -236,3 +236,20 @@ def test_lagged_non_finite_check_stops_before_a_checkpoint_is_written(tmp_path):
     with pytest.raises(TrainingError, match=r"'poison'.*iteration 1 \(step 1\); its update was applied"):
         strategy.train(image_benchmark().train_stream[0])
     assert not (tmp_path / "last.pt").exists()  # the check settles before the step-2 checkpoint is written
+
+
+def test_dataloader_path_with_augmentation_and_schedule_resumes_inside_an_experience(tmp_path, monkeypatch):
+    def run(out=None, resume=False):
+        cfg = tiny_config({})
+        cfg["train"].update(augment="crop_flip", schedule="cosine", num_workers=2, batch_size=8)
+        bench = class_incremental(ItemDataset(image_blobs(12, 4)), ItemDataset(image_blobs(4, 4, seed=1)), 2)
+        torch.manual_seed(0)
+        return runner.run(cfg, out, resume=resume, benchmark=bench, model=SmallCNN(1, 4))
+
+    whole = run()
+    with monkeypatch.context() as m:
+        crash_at_step(m, 5)  # experience 0 has 2 epochs of 3 steps; its checkpoint at step 3
+        with pytest.raises(Crash):
+            run(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert numbers(run(tmp_path, resume=True)) == numbers(whole)
