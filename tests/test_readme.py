@@ -31,3 +31,13 @@ def test_the_pre_trained_config_is_valid():
     block = next(b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "timm:" in b)
     cfg = config.parse(tomllib.loads(block))
     assert cfg["model"]["name"] == "timm:vit_base_patch16_224" and cfg["method"]["name"] == "slca"
+
+
+def test_the_cifar_config_is_valid():
+    import tomllib
+
+    from streamcl import config
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "split_cifar100" in b)
+    cfg = config.parse(tomllib.loads(block), ["train.device=cpu"])  # this machine has no GPU
+    assert (cfg["benchmark"]["name"], cfg["model"]["name"], cfg["train"]["schedule"]) == \
+        ("split_cifar100", "resnet32", "cosine")
