@@ -454,8 +454,6 @@ def test_cli_runs_split_cifar100_with_resnet32(tmp_path, capsys):
 
     cifar100_root = write_cifar(tmp_path / "data", 100, per_class=1, test_per_class=1)
 
-    if "resnet32" not in __import__("streamcl.registry", fromlist=["_"]).available_models():
-        pytest.skip("the model resnet32 is not registered")
     cfg = tmp_path / "cifar.toml"
     cfg.write_text(textwrap.dedent(f"""\
         seed = 0
@@ -483,3 +481,36 @@ def test_cli_runs_split_cifar100_with_resnet32(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert len(res["accuracy_matrix"]) == 2 and res["config"]["benchmark"]["name"] == "split_cifar100"
+
+
+def test_image_folder_runs_through_dataloader_workers_standardised_and_augmented(tmp_path):
+    """Image files read lazily by two DataLoader workers, kept as bytes, cropped and flipped on the device,
+    standardised by the model's first step: the run gives the numbers of the same images decoded in memory."""
+    from streamcl import config, runner
+    from streamcl.models.inputs import Standardize
+
+    write_folder(tmp_path / "train", (4, 4, 4, 4))
+    write_folder(tmp_path / "test", (2, 2, 2, 2))
+    models = []
+
+    def run(**train):
+        cfg = config.parse({"seed": 0, "benchmark": {"name": "image_folder", "root": str(tmp_path), "n_experiences": 2,
+                                                     "args": {"image_size": 16, "in_memory": not train}},
+                            "model": {"name": "cnn"},
+                            "train": {"epochs": 2, "batch_size": 4, "augment": "crop_flip", **train},
+                            "method": {"name": "replay", "memory": 4}, "log": {"tensorboard": False, "console": False}})
+        original = runner.Strategy
+
+        def spy(model, *args, **kwargs):
+            models.append(model)
+            return original(model, *args, **kwargs)
+
+        runner.Strategy = spy
+        try:
+            return runner.run(cfg)["accuracy_matrix"]
+        finally:
+            runner.Strategy = original
+
+    in_memory = run()
+    assert run(num_workers=2) == in_memory
+    assert all(isinstance(m, Standardize) for m in models)
