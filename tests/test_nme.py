@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from streamcl import Batch, ConfigError, Strategy
+from streamcl import ConfigError, Strategy
 from streamcl.models import MLP
-from streamcl.models.nets import Classifier
 from streamcl.plugins.cumulative import Cumulative
 from streamcl.plugins.distill import Distill
 from streamcl.plugins.nme import NMEClassifier, class_means, nme_logits

@@ -54,7 +54,7 @@ class Modes(Plugin):
 
 # ------------------------------------------------------------------------------ frozen columns
 def test_frozen_columns_are_bit_identical_after_later_tasks():
-    s, bench, modes = _strategy([ProgressiveNetworks(), Modes()]), _stream(3), Modes()
+    s, bench = _strategy([ProgressiveNetworks(), Modes()]), _stream(3)
     s.plugins[1].seen.clear()
     snapshots = []
     for exp in bench.train_stream:

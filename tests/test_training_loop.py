@@ -14,7 +14,7 @@ from streamcl.batch import Batch
 from streamcl.errors import ConfigError, TrainingError
 from streamcl.models import SmallCNN
 from streamcl.models.inputs import Standardize
-from streamcl.scenarios import TensorData, class_incremental, hold_out
+from streamcl.scenarios import class_incremental, hold_out
 from tests.conftest import ItemDataset, image_benchmark, image_blobs, mlp
 from tests.reliability import Crash, crash_at_step, numbers, tiny_benchmark, tiny_config
 
