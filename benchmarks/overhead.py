@@ -48,7 +48,8 @@ class Setup:
     """What both loops share: the augmentation (or none) and the schedule (or none)."""
 
     def __init__(self, augment: bool, device: str, sample_shape: tuple):
-        self.augment = build_augment("crop_flip", sample_shape) if augment else None
+        padding = 4 if tuple(sample_shape) == (3, 32, 32) else None  # the CIFAR recipe; SFM-5-CNN's 2 otherwise
+        self.augment = build_augment("crop_flip", sample_shape, padding) if augment else None
         self.schedule = schedule.Cosine() if augment else None
         self.device = torch.device(device)
 

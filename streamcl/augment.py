@@ -53,12 +53,15 @@ class CropFlip:
 AUGMENTATIONS = {"crop_flip": CropFlip}
 
 
-def build(name: str | None, input_shape: tuple = ()):
+def build(name: str | None, input_shape: tuple = (), padding: int | None = None):
     """The augmentation a config names (``None``: none), for inputs of ``input_shape``: flat inputs of
-    a square length (Fashion-MNIST's 784) are one-channel square images."""
+    a square length (Fashion-MNIST's 784) are one-channel square images. ``padding`` (``train.crop_padding``):
+    2 by default (SFM-5-CNN), 4 in the CIFAR recipe of the class-incremental literature."""
     if name is None:
         return None
     if name not in AUGMENTATIONS:
         raise ConfigError(f"train.augment = {name!r}: use one of {', '.join(AUGMENTATIONS)}")
     side = math.isqrt(input_shape[0]) if len(input_shape) == 1 else 0
-    return AUGMENTATIONS[name](image_shape=(1, side, side) if side and side * side == input_shape[0] else None)
+    options = {} if padding is None else {"padding": padding}
+    return AUGMENTATIONS[name](image_shape=(1, side, side) if side and side * side == input_shape[0] else None,
+                               **options)

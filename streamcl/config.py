@@ -35,7 +35,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "train": {
         "optimizer": (_STR, "sgd"), "lr": (_NUM, 0.01), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 0.0),
         "batch_size": (_INT, 128), "eval_batch_size": (_INT, 512), "epochs": (_INT, 2), "device": (_STR, "cpu"),
-        "checkpoint_every": (_INT, 0), "augment": (_STR, None),
+        "checkpoint_every": (_INT, 0), "augment": (_STR, None), "crop_padding": (_INT, None),
         "schedule": (_STR, None), "warmup": (_INT, None), "milestones": (_NUMS, None), "gamma": (_NUM, None),
         "clip_grad_norm": (_NUM, None), "precision": (_STR, None), "channels_last": (_BOOL, None),
         "compile": (_PATH_OR_BOOL, None), "validation": (_NUM, None),
@@ -243,6 +243,8 @@ def _check_train(t: dict) -> None:
         raise ConfigError("'train.milestones' are for train.schedule = 'multistep'")
     if t.get("gamma") is not None and t.get("schedule") != "multistep":
         raise ConfigError("'train.gamma' is for train.schedule = 'multistep'")
+    if t.get("crop_padding") is not None and t.get("augment") != "crop_flip":
+        raise ConfigError("'train.crop_padding' is the padding of train.augment = 'crop_flip'")
     if t.get("clip_grad_norm") is not None and t["clip_grad_norm"] <= 0:
         raise ConfigError(f"'train.clip_grad_norm' must be above 0, got {t['clip_grad_norm']!r}")
 

@@ -226,7 +226,7 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     strategy = Strategy(model.to(device), build_optimizer(cfg, model), plugins=plugins, epochs=t["epochs"],
                         batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"], device=device,
                         loggers=loggers, seed=cfg["seed"], checkpoint_dir=None if out is None else out / "checkpoints",
-                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment"), sample_shape),
+                        checkpoint_every=t["checkpoint_every"] or None, augment=augment.build(t.get("augment"), sample_shape, t.get("crop_padding")),
                         eval_every=1 if t.get("validation") else None, eval_stream=validation, **loop_options(t))
     strategy.checkpoint_meta = {"config": cfg}
     if resume:

@@ -253,3 +253,12 @@ def test_dataloader_path_with_augmentation_and_schedule_resumes_inside_an_experi
             run(tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
     assert numbers(run(tmp_path, resume=True)) == numbers(whole)
+
+
+def test_crop_padding_is_the_croppings_padding():
+    cfg = config.parse({"train": {"augment": "crop_flip", "crop_padding": 4}})
+    from streamcl import augment
+    assert augment.build(cfg["train"]["augment"], (3, 32, 32), cfg["train"]["crop_padding"]).padding == 4
+    assert augment.build("crop_flip", (784,)).padding == 2
+    with pytest.raises(ConfigError, match="crop_padding"):
+        config.parse({"train": {"crop_padding": 4}})
