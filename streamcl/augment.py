@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from streamcl.batch import to_device
 from streamcl.errors import ConfigError
 
 
@@ -36,13 +37,13 @@ class CropFlip:
         n, _, h, w = x.shape
         p = self.padding
         padded = F.pad(x, (p, p, p, p))
-        dy, dx = (torch.randint(0, 2 * p + 1, (n,)).to(x.device) for _ in range(2))  # CPU draws: seeded
+        dy, dx = (to_device(torch.randint(0, 2 * p + 1, (n,)), x.device) for _ in range(2))  # CPU draws: seeded
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                      torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
         if self.flip:
-            flip = (torch.rand(n) < 0.5).to(x.device)[:, None, None, None]
+            flip = to_device(torch.rand(n) < 0.5, x.device)[:, None, None, None]
             out = torch.where(flip, out.flip(-1), out)
         return out
 

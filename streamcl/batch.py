@@ -53,6 +53,15 @@ class Batch(NamedTuple):
         return cls(x, y, t)
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A CPU tensor (indices, random draws from a CPU generator) on ``device`` without making the host wait for
+    the GPU: through pinned memory, copied asynchronously on CUDA; as ``t.to(device)`` elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def labels(values, what: str = "labels") -> Tensor:
     """``values`` as int64, refusing fractions (6.7 is not a class) instead of truncating them."""
     from streamcl.errors import DataError

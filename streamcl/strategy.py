@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from streamcl import distributed as dist
 from streamcl import schedule
-from streamcl.batch import Batch, Output
+from streamcl.batch import Batch, Output, to_device
 from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error, step_position
 from streamcl.checkpoint import Position, settings_of, remove_leftovers
 from streamcl.errors import ConfigError, DataError, PluginError, StreamclError, TrainingError
@@ -632,7 +632,7 @@ class Strategy:
             n -= 1
         world = 1 if local else self.world
         if isinstance(data, TensorData):
-            order = order.to(self.device) if order is not None else None
+            order = to_device(order, self.device) if order is not None else None
             for i in range(first, n, batch_size):
                 idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
                 if world > 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from streamcl.batch import Batch
+from streamcl.batch import Batch, to_device
 from streamcl.errors import ConfigError
 
 
@@ -137,7 +137,7 @@ class Memory:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Batch]:
         """``n`` slots drawn uniformly with replacement (from ``generator``) and their samples."""
-        slots = torch.randint(self.size, (n,), generator=generator).to(self.y.device)
+        slots = to_device(torch.randint(self.size, (n,), generator=generator), self.y.device)
         return slots, self.batch(slots)
 
     @property
