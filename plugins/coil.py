@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -12,6 +11,7 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
+from streamcl.extras import require
 from streamcl.plugins.distill import frozen
 from streamcl.plugins.nme import class_means
 from streamcl.plugins.wa import head_rows
@@ -74,6 +74,7 @@ class COIL(Plugin):
 
     def __init__(self, sinkhorn_reg: float = 0.464, cost_norm: float = 3.0, pt_weight: float = 1e-3,
                  rt_weight: float = 1e-3, temperature: float = 2.0, refresh: int = 30, init: bool = True):
+        require("ot", "coil", "COIL", "pot")  # refused here, not at the end of the first experience
         _number("sinkhorn_reg", sinkhorn_reg, "a finite number > 0 (the entropic regulariser of the plan)", low=0.0)
         _number("cost_norm", cost_norm, "a finite number >= 1 (the order of the Minkowski distance)", low=1.0,
                 strict=False)
@@ -241,7 +242,7 @@ def sinkhorn_plan(cost: Tensor, reg: float) -> Tensor:
     M = cost.detach().double().cpu().numpy()
     n, m = M.shape
     a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-    plan = ot.sinkhorn(a, b, M, reg, method="sinkhorn_log", numItermax=10_000, stopThr=1e-12, warn=False)
+    plan = require("ot", "coil", "COIL", "pot").sinkhorn(a, b, M, reg, method="sinkhorn_log", numItermax=10_000, stopThr=1e-12, warn=False)
     plan = torch.from_numpy(np.asarray(plan, dtype=np.float64))
     if not torch.isfinite(plan).all():
         raise TrainingError(f"COIL: the Sinkhorn plan is not finite (sinkhorn_reg={reg}); raise sinkhorn_reg")

@@ -5,12 +5,12 @@ import math
 from typing import Sequence
 
 import numpy as np
-import quadprog
 import torch
 from torch import Tensor, nn
 
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
+from streamcl.extras import require
 from streamcl.memory import random_pick
 from streamcl.scenarios import as_batch
 
@@ -48,7 +48,7 @@ def gem_project(g: Tensor, memory_grads: Tensor, margin: float = 0.0, eps: float
     k = G.shape[0]
     P = G @ G.T
     P = 0.5 * (P + P.T) + eps * np.eye(k)
-    v = quadprog.solve_qp(P, -(G @ g64), np.eye(k), np.full(k, float(margin)))[0]
+    v = require("quadprog", "gem", "GEM").solve_qp(P, -(G @ g64), np.eye(k), np.full(k, float(margin)))[0]
     return torch.from_numpy(g64 + G.T @ v).to(dtype=g.dtype, device=g.device)
 
 
@@ -173,6 +173,7 @@ class GEM(EpisodicMemory):
 
     def __init__(self, per_experience: int = 100, margin: float = 0.05):
         super().__init__(per_experience)
+        require("quadprog", "gem", "GEM")  # refused here, not at the first violated constraint
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
             raise ConfigError(f"GEM margin={margin!r}: it must be a finite number >= 0 (the paper's gamma)")
         self.margin = float(margin)

@@ -1,5 +1,6 @@
 """Bad input to plugins gets a clear streamcl error early, or simply works (issue 12: no bare tracebacks)."""
 import math
+import sys
 import warnings
 from collections import Counter
 
@@ -295,3 +296,14 @@ def test_ewc_and_mas_take_per_sample_gradients_in_slices_within_the_budget(name,
     monkeypatch.setattr(penalty, "BUDGET", 3 * 8 * 4)  # the convolution's 8 floats: three samples at a time
     s.train(class_incremental(blobs(), blobs(10, seed=1), 2).train_stream[0])  # 40 samples
     assert max(sizes) == 3 and sum(sizes) == 2 + 40  # the outer-product check on 2, then 40 in slices of <= 3
+
+
+@pytest.mark.parametrize("name,module,extra", [("gem", "quadprog", "gem"), ("coil", "ot", "coil")])
+def test_a_missing_optional_package_is_refused_at_construction(monkeypatch, name, module, extra):
+    """quadprog (GEM) and POT (COIL) are optional extras: without them the plugin is refused when built, with
+    the command that installs them, not at its first quadratic programme or transport plan."""
+    from streamcl.registry import build_plugin
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if the package were not installed
+    with pytest.raises(ConfigError, match=rf"pip install 'streamcl\[{extra}\]'"):
+        build_plugin(name)
