@@ -30,7 +30,7 @@ class MAS(Plugin):
     capped at half the SGD stability limit, so no ``lambda_`` can make a run diverge.
 
     Default ``lambda_ = 0.03`` rather than the paper's 1 (object recognition, the authors' code), measured
-    on the protocols of ``PROTOCOLS.md`` (seed 0; MLP, SGD with momentum 0.9): ``lambda_ = 1`` gives
+    on the protocols of ``docs/protocols.md`` (seed 0; MLP, SGD with momentum 0.9): ``lambda_ = 1`` gives
     SFM-5-TIL 0.990 but PFM-5 0.709, below Naive's 0.758; 0.1 gives 0.987 and 0.779; 0.03 gives 0.980
     and 0.788 (seeds 0-2: 0.974 and 0.783); 0.01 gives 0.970 and 0.790.
     It owns the role ``mas_penalty``: a second MAS in one strategy is refused.

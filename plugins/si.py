@@ -51,7 +51,7 @@ class SI(Plugin):
 
     Defaults: ``xi = 1e-3``, the paper's damping on split MNIST (it used 0.1 with ``c = 0.1`` on
     permuted MNIST, which stays at Naive's level here: PFM-5 seed 0, 0.756). ``c = 2`` rather than the
-    paper's 1 (split MNIST, Adam), measured on the protocols of ``PROTOCOLS.md`` (SGD, momentum 0.9),
+    paper's 1 (split MNIST, Adam), measured on the protocols of ``docs/protocols.md`` (SGD, momentum 0.9),
     mean of seeds 0-2: ``c = 1`` gives PFM-5 0.785 and SFM-5-TIL 0.960, ``c = 2`` 0.786 and 0.969,
     ``c = 3`` 0.783 and 0.973 (Naive 0.75 and 0.91).
     It owns the role ``si_penalty``: a second SI in one strategy is refused.

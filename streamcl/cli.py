@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ DEMO_METHODS = ("naive", "replay", "replay_lwf", "icarl", "derpp", "joint")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamcl", description="Continual learning on a stream of experiences.")
+    parser.add_argument("--version", action="version", version=f"streamcl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate as a TOML config says")
     run.add_argument("config", help="path to a TOML config (see docs/config.md)")
@@ -32,11 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "plugins": _plugins, "models": _models, "benchmarks": _benchmarks, "methods": _methods,
+        code = {"run": _run, "plugins": _plugins, "models": _models, "benchmarks": _benchmarks, "methods": _methods,
                 "demo": _demo}[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at the interpreter's exit
+        return code
     except StreamclError as err:
         print(f"streamcl: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (streamcl plugins | head): no traceback, nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("streamcl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _run(args) -> int:

@@ -81,7 +81,7 @@ def test_run_sfm5_joint(tmp_path, capsys):
     assert rc == 0, stderr
     res = json.loads((out / "results.json").read_text())
     assert RESULT_KEYS <= set(res)
-    # PROTOCOLS.md: Joint 0.860 (Avalanche, mean of seeds 0-2); streamcl's seed 0 measured 0.851.
+    # docs/protocols.md: Joint 0.860 (Avalanche, mean of seeds 0-2); streamcl's seed 0 measured 0.851.
     assert res["final_accuracy"] >= 0.845
     assert len(res["accuracy_matrix"][-1]) == 5
 
@@ -294,3 +294,16 @@ def test_plugins_lists_builtins(capsys):
     rows = {line.split()[0]: line for line in stdout.splitlines()[2:] if line.strip()}
     assert "cumulative" in rows
     assert "built-in" in rows["cumulative"] and "streamcl.plugins.cumulative:Cumulative" in rows["cumulative"]
+
+
+def test_version_and_a_closed_pipe():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "streamcl", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("streamcl ")
+    # the reader is gone before the listing is written (as `streamcl plugins | head -1` ends): no traceback, status 0
+    proc = subprocess.Popen([sys.executable, "-m", "streamcl", "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the child has imported torch and written a line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err
