@@ -116,8 +116,12 @@ def non_finite_error(strategy, bad: list[str] | None = None, where: str | None =
     if bad is None:
         bad = [name for name, v in strategy.loss_terms.items() if not torch.isfinite(v.detach()).all()]
     where = where or step_position(strategy)
-    saved = (f"the last checkpoint ({strategy.checkpoint_path}) was written before this step and is intact"
-             if strategy.checkpoint_dir is not None else "no checkpoint_dir was set")
+    if strategy.checkpoint_dir is None:
+        saved = "no checkpoint_dir was set"
+    elif strategy.checkpoint_path.exists():
+        saved = f"the last checkpoint ({strategy.checkpoint_path}) was written before this step and is intact"
+    else:
+        saved = f"no checkpoint had been written yet (the first goes to {strategy.checkpoint_path})"
     done = "its update was applied (the check runs one step behind on a GPU)" if updated else "nothing was updated"
     return TrainingError(f"non-finite loss term(s) {', '.join(map(repr, bad or ['total']))} at {where}; {done}; "
                          f"{saved}. Lower the learning rate or the term's weight.")

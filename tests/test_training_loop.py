@@ -262,3 +262,23 @@ def test_crop_padding_is_the_croppings_padding():
     assert augment.build("crop_flip", (784,)).padding == 2
     with pytest.raises(ConfigError, match="crop_padding"):
         config.parse({"train": {"crop_padding": 4}})
+
+
+def test_the_non_finite_error_says_whether_a_checkpoint_exists(tmp_path):
+    class Poison:
+        @hookimpl
+        def loss_terms(self, strategy, batch, output):
+            return {"poison": torch.tensor(float("nan") if strategy.global_step == 3 else 0.0)}
+
+    def train(folder, batch_size, experiences):
+        torch.manual_seed(0)
+        model = mlp(4)
+        strategy = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[Poison()],
+                            batch_size=batch_size, checkpoint_dir=folder)
+        for exp in image_benchmark().train_stream[:experiences]:
+            strategy.train(exp)
+
+    with pytest.raises(TrainingError, match="was written before this step and is intact"):
+        train(tmp_path / "a", 8, 2)  # step 3 is in experience 1: experience 0's checkpoint exists
+    with pytest.raises(TrainingError, match="no checkpoint had been written yet"):
+        train(tmp_path / "b", 2, 1)  # step 3 of 8 in the first experience
