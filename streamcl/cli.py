@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="override one key, e.g. --set train.epochs=1 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-experience lines")
     run.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt of an earlier run")
+    run.add_argument("--overwrite", action="store_true", help="replace the run an earlier command wrote to OUT")
     sub.add_parser("plugins", help="list built-in and installed plugins and where each comes from")
     sub.add_parser("models", help="list the models [model] name takes and where each comes from")
     sub.add_parser("benchmarks", help="list the benchmarks [benchmark] name takes and where each comes from")
@@ -59,6 +60,7 @@ def _run(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    runner.prepare_out(out, resume=args.resume, overwrite=args.overwrite)
     res = runner.run(cfg, out, console=False if args.quiet else None, resume=args.resume)
     from streamcl.distributed import is_main
     if not is_main():
@@ -112,6 +114,7 @@ def _demo(args) -> int:
     for name in args.methods:
         cfg = config.parse({"method": {"name": name}}, args.overrides)
         start = time.perf_counter()
+        runner.prepare_out(out / name, overwrite=True)  # a demo run again replaces the last demo
         res = runner.run(cfg, out / name, console=False)
         rows.append((name, f"{res['final_accuracy']:.4f}", f"{res['avg_incremental_accuracy']:.4f}",
                      _fmt(res["forgetting"]), f"{time.perf_counter() - start:.1f}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -86,6 +87,26 @@ def lock_out(out: str | Path) -> Iterator[Path]:
         yield out
     finally:
         os.close(fd)
+
+
+RUN_OUTPUTS = ("results.json", "tensorboard", "checkpoints")
+
+
+def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse a run folder that holds an earlier run's outputs (its event files would be appended to, its
+    results.json and checkpoint replaced) unless ``resume`` goes on with that run or ``overwrite`` replaces it:
+    then those outputs are removed first (by rank 0 only under torchrun)."""
+    out = Path(out)
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(found)}); give --resume to go on with it, "
+                          "--overwrite to replace it, or another --out")
+    if os.environ.get("RANK", "0") == "0":  # before torchrun's process group exists: rank 0 by its variable
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def physical_memory() -> int:

@@ -307,3 +307,18 @@ def test_version_and_a_closed_pipe():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, err
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    from streamcl import cli
+    cfg = tmp_path / "naive.toml"
+    cfg.write_text('seed = 0\n[benchmark]\ntrain_range = [0, 600]\n[train]\nepochs = 1\n[log]\ntensorboard = true\n')
+    out = tmp_path / "run"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    events = sorted((out / "tensorboard").rglob("events.*"))
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "already holds a run (results.json, tensorboard, checkpoints); give --resume" in capsys.readouterr().err
+    assert sorted((out / "tensorboard").rglob("events.*")) == events  # nothing appended
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert len(list((out / "tensorboard").rglob("events.*"))) == len(events)  # one run's event files, afresh
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
