@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,9 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     except StreamclError as err:
         print(f"streamcl: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, between checkpoints
+        print("\nstreamcl: interrupted; the last checkpoint written (if any) is intact"
+              + (f"; resume with: {_resume_command(args)}" if args.command == "run" else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (streamcl plugins | head): no traceback, nothing more to write
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _ask_to_stop(signum, frame) -> None:
+    """Ctrl-C under ``streamcl run``: stop at the end of the current step with a checkpoint; a second one at once."""
+    from streamcl.strategy import STOP
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    STOP.set()
+    print("\nstreamcl: stopping at the end of this step and writing a checkpoint (Ctrl-C again: stop at once)",
+          file=sys.stderr, flush=True)
+
+
+def _resume_command(args) -> str:
+    """The command that goes on with the run ``args`` describe."""
+    words = ["streamcl", "run", args.config, "--out", str(args.out or Path("runs") / Path(args.config).stem)]
+    words += [w for item in args.overrides for w in ("--set", item)] + (["--quiet"] if args.quiet else [])
+    return shlex.join(words + ["--resume"])
 
 
 def _version() -> str:
@@ -61,7 +84,17 @@ def _run(args) -> int:
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     runner.prepare_out(out, resume=args.resume, overwrite=args.overwrite)
-    res = runner.run(cfg, out, console=False if args.quiet else None, resume=args.resume)
+    from streamcl.errors import Stopped
+    from streamcl.strategy import STOP
+    previous = signal.signal(signal.SIGINT, _ask_to_stop)
+    try:
+        res = runner.run(cfg, out, console=False if args.quiet else None, resume=args.resume)
+    except Stopped as err:
+        print(f"\nstreamcl: {err}\nresume with: {_resume_command(args)}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP.clear()
     from streamcl.distributed import is_main
     if not is_main():
         return 0

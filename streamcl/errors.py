@@ -23,3 +23,12 @@ class PluginError(StreamclError, TypeError):
 
 class TrainingError(StreamclError, RuntimeError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class Stopped(StreamclError):
+    """Training stopped at a step boundary because a stop was asked for (Ctrl-C under ``streamcl run``);
+    ``checkpoint`` is the checkpoint written there, or ``None`` without a checkpoint folder."""
+
+    def __init__(self, message: str, checkpoint=None):
+        super().__init__(message)
+        self.checkpoint = checkpoint

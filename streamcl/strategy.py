@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from time import perf_counter
@@ -19,7 +20,7 @@ from streamcl import schedule
 from streamcl.batch import Batch, Output, to_device
 from streamcl.checks import check_experience, check_model_fits, check_repeatable, non_finite_error, step_position
 from streamcl.checkpoint import Position, settings_of, remove_leftovers
-from streamcl.errors import ConfigError, DataError, PluginError, StreamclError, TrainingError
+from streamcl.errors import ConfigError, DataError, PluginError, Stopped, StreamclError, TrainingError
 from streamcl.hookspecs import CONTRIBUTIONS, EVENTS, TRANSFORMS
 from streamcl.metrics import EvalCounts, Metrics
 from streamcl.models.heads import grow_heads
@@ -31,6 +32,7 @@ from streamcl.scenarios.data import seeded
 
 
 PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP = threading.Event()  # set (by streamcl run's Ctrl-C handler, or anyone) to stop training at the next step
 
 
 class Strategy:
@@ -229,6 +231,17 @@ class Strategy:
         self.global_step += 1
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and self.checkpoint_dir:
             self.save_checkpoint(position=True)
+        if STOP.is_set():
+            self._stop()
+
+    def _stop(self) -> None:
+        """End training at this step boundary (a stop was asked for): a checkpoint of this point, then Stopped."""
+        STOP.clear()
+        where = step_position(self)
+        if self.checkpoint_dir is None:
+            raise Stopped(f"stopped after {where}; no checkpoint_dir was set, so nothing was saved")
+        path = self.save_checkpoint(position=True)
+        raise Stopped(f"stopped after {where}; checkpoint written to {path}", path)
 
     def _set_loop_options(self, schedule_, clip_grad_norm, precision, channels_last, compile_) -> None:
         if schedule_ is not None and not callable(schedule_):

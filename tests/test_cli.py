@@ -322,3 +322,35 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert len(list((out / "tensorboard").rglob("events.*"))) == len(events)  # one run's event files, afresh
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
+
+
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    """SIGINT under `streamcl run`: the run ends at the next step boundary with a checkpoint of that point, says
+    so, prints the exact command that goes on, and that command ends with the uninterrupted run's numbers."""
+    import json
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from streamcl import cli
+    cfg = tmp_path / "naive.toml"
+    cfg.write_text('seed = 0\n[benchmark]\ntrain_range = [0, 6000]\n[train]\nepochs = 4\n[log]\ntensorboard = false\n')
+    whole = tmp_path / "whole"
+    assert cli.main(["run", str(cfg), "--out", str(whole), "--quiet"]) == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "streamcl", "run", str(cfg), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the checkpoint after experience 0: the run is inside experience 1 or later
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped after experience" in err and "Traceback" not in err, err
+    command = err.split("resume with: ")[1].strip()
+    assert command == shlex.join(["streamcl", "run", str(cfg), "--out", str(out), "--quiet", "--resume"])
+    assert cli.main(shlex.split(command)[1:]) == 0
+    done = json.loads((out / "results.json").read_text())
+    assert done["accuracy_matrix"] == json.loads((whole / "results.json").read_text())["accuracy_matrix"]
