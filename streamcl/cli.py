@@ -151,7 +151,8 @@ def _demo(args) -> int:
         res = runner.run(cfg, out / name, console=False)
         rows.append((name, f"{res['final_accuracy']:.4f}", f"{res['avg_incremental_accuracy']:.4f}",
                      _fmt(res["forgetting"]), f"{time.perf_counter() - start:.1f}"))
-        print(f"  {name}: done", flush=True)
+        print(f"  {name}: final accuracy {rows[-1][1]}, average incremental {rows[-1][2]}, forgetting {rows[-1][3]} "
+              f"({rows[-1][4]} s)", flush=True)
     print()
     _table(("method", "final acc", "avg inc acc", "forgetting", "seconds"), rows)
     print(f"\nper-method results.json under {out}/<method>/; curves: {_tensorboard()} --logdir {out}")

@@ -354,3 +354,15 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_prints_the_resume_command(
     assert cli.main(shlex.split(command)[1:]) == 0
     done = json.loads((out / "results.json").read_text())
     assert done["accuracy_matrix"] == json.loads((whole / "results.json").read_text())["accuracy_matrix"]
+
+
+def test_demo_prints_each_methods_numbers_and_a_table_and_runs_again(tmp_path, capsys):
+    from streamcl import cli
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--methods", "naive", "joint",
+            "--set", "benchmark.train_range=[0, 1200]", "--set", "train.epochs=1", "--set", "log.tensorboard=false"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "  naive: final accuracy 0." in out and "  joint: final accuracy 0." in out
+    assert out.count("avg inc acc") == 1  # one table
+    assert cli.main(argv) == 0  # a second demo replaces the first's runs
+    assert (tmp_path / "demo" / "joint" / "results.json").is_file()
