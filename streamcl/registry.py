@@ -7,7 +7,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any, Callable, Sequence
 
-from streamcl.errors import ConfigError, PluginError
+from streamcl.errors import ConfigError, PluginError, StreamclError
 from streamcl.plugin import init_signature
 
 GROUP = "streamcl.plugins"
@@ -29,10 +29,17 @@ class PluginInfo:
         return self.distribution == "streamcl"
 
     def load(self) -> Callable[..., Any]:
+        """The registered object; a target that cannot be imported raises :class:`PluginError` naming the entry,
+        its target and the distribution that registered it."""
         module, _, attr = self.target.partition(":")
-        obj = __import__(module, fromlist=[attr or "_"])
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        try:
+            obj = __import__(module, fromlist=[attr or "_"])
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as err:
+            raise PluginError(f"'{self.name}' is registered by {self.distribution} {self.version} as {self.target}, "
+                              f"which cannot be loaded ({type(err).__name__}: {err}); reinstall or fix that "
+                              "package") from None
         return obj
 
 
@@ -76,7 +83,14 @@ def build_plugin(name: str, **kwargs) -> object:
         raise ConfigError(f"unknown plugin '{name}'; known plugins: {', '.join(plugins) or '(none installed)'}")
     factory = plugins[name].load()
     check_arguments(factory, kwargs, f"plugin '{name}'")
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except (ValueError, TypeError) as err:  # a plugin's own check of its arguments (ours raise ConfigError)
+        if isinstance(err, StreamclError):
+            raise
+        info = plugins[name]
+        raise ConfigError(f"plugin '{name}' ({'built-in' if info.builtin else info.distribution}) refused "
+                          f"{kwargs or 'its defaults'}: {err}") from None
 
 
 def check_arguments(factory: Callable, kwargs: dict, what: str, fixed: Sequence[str] = ()) -> None:

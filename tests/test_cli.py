@@ -159,10 +159,30 @@ def test_unknown_method_lists_known_ones(tmp_path, capsys):
 
 
 class Scaled:
-    """A plugin with arguments, registered under a fake entry point for the bad-argument test."""
+    """A plugin with arguments, registered under a fake entry point for the bad-argument test; it checks its
+    own arguments with a plain ValueError, as a third party's plugin may."""
 
     def __init__(self, memory: int = 10, alpha: float = 0.5):
+        if alpha > 1:
+            raise ValueError(f"alpha={alpha} must be at most 1")
         self.memory, self.alpha = memory, alpha
+
+
+@pytest.mark.parametrize("target,words", [(f"{__name__}:Scaled", ["plugin 'scaled' (tests) refused", "alpha=2"]),
+                                          ("no_such_module_xyz:Thing", ["'scaled' is registered by tests 0 as "
+                                                                        "no_such_module_xyz:Thing, which cannot be loaded",
+                                                                        "ModuleNotFoundError"])])
+def test_a_third_partys_failing_plugin_is_a_streamcl_error(tmp_path, capsys, monkeypatch, target, words):
+    real = registry.available_plugins()
+    monkeypatch.setattr(registry, "available_plugins",
+                        lambda: {**real, "scaled": registry.PluginInfo("scaled", target, "tests", "0")})
+    cfg = write(tmp_path / "c.toml", """\
+        [[plugins]]
+        name = "scaled"
+        alpha = 2.0
+        """)
+    err = refused(capsys, "run", cfg, "--out", tmp_path / "o")
+    assert all(w in err for w in words), err
 
 
 @pytest.mark.slow
