@@ -140,8 +140,9 @@ def make_manager(plugins: Sequence[object], engine_plugins: Iterable[object] = (
             pm.register(plugin, name=f"{len(ordered) - i}:{type(plugin).__name__}")
         except ValueError as err:
             raise PluginError(f"{plugin!r} is listed twice: {err}") from None
-        except pluggy.PluginValidationError as err:
-            raise PluginError(f"{plugin!r}: {err}") from None
+        except pluggy.PluginValidationError as err:  # pluggy names the plugin by its registration key: say it plainly
+            why = re.sub(r"^Plugin '[^']*' for hook ", "hook ", str(err)).replace("\n", "; ")
+            raise PluginError(f"plugin {plugin_name(plugin)} ({type(plugin).__name__}): {why}") from None
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:

@@ -116,6 +116,17 @@ def test_misspelled_and_unmarked_hooks_are_rejected():
         make([Unmarked()])
 
 
+def test_a_hook_argument_the_spec_lacks_is_named_without_internal_names():
+    class BadParam:
+        @hookimpl
+        def before_training_exp(self, strategy, nonsense):
+            pass
+
+    with pytest.raises(PluginError, match=r"^plugin bad_param \(BadParam\): hook 'before_training_exp'.*'nonsense'") as err:
+        make([BadParam()])
+    assert "1:" not in str(err.value)
+
+
 def test_replay_batch_and_train_data_contributions():
     bench = tiny_benchmark()
     sizes = []
