@@ -127,8 +127,6 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
             cfg["method"] = _named_table("method", value)
         else:
             raise ConfigError(f"unknown key '{key}'; a config takes: {', '.join(allowed_top)}")
-    if "method" in cfg and cfg["plugins"]:
-        raise ConfigError("give either [method] (a named recipe) or [[plugins]], not both")
     _check_train(cfg["train"])
     if any(h < 1 for h in cfg["model"]["hidden"]):
         raise ConfigError(f"'model.hidden' = {cfg['model']['hidden']!r}: every layer needs at least one unit")

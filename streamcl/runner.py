@@ -185,12 +185,15 @@ def loop_options(t: dict) -> dict:
 
 
 def build_plugins(cfg: dict) -> tuple[list, bool]:
-    """The plugin list (from ``[method]`` or ``[[plugins]]``) and whether the run is offline (Joint)."""
+    """The plugin list (the ``[method]`` recipe's plugins, then each of ``[[plugins]]``) and whether the run is
+    offline (Joint)."""
+    plugins, offline = [], False
     if "method" in cfg:
         args = {k: v for k, v in cfg["method"].items() if k != "name"}
         plugins, recipe = build_method(cfg["method"]["name"], **args)
-        return plugins, recipe.offline
-    return [build_plugin(p["name"], **{k: v for k, v in p.items() if k != "name"}) for p in cfg["plugins"]], False
+        offline = recipe.offline
+    extra = [build_plugin(p["name"], **{k: v for k, v in p.items() if k != "name"}) for p in cfg["plugins"]]
+    return [*plugins, *extra], offline
 
 
 def evaluate(strategy: Strategy, stream) -> dict:

@@ -386,3 +386,18 @@ def test_demo_prints_each_methods_numbers_and_a_table_and_runs_again(tmp_path, c
     assert out.count("avg inc acc") == 1  # one table
     assert cli.main(argv) == 0  # a second demo replaces the first's runs
     assert (tmp_path / "demo" / "joint" / "results.json").is_file()
+
+
+def test_a_named_recipe_takes_one_more_plugin():
+    import torch
+
+    from streamcl import PluginError, Strategy, config, runner
+    from streamcl.models import MLP
+
+    plugins, offline = runner.build_plugins(config.parse({"method": {"name": "replay", "memory": 100},
+                                                         "plugins": [{"name": "wa"}]}))
+    assert [type(p).__name__ for p in plugins] == ["Replay", "WA"] and not offline
+    twice, _ = runner.build_plugins(config.parse({"method": {"name": "replay"}, "plugins": [{"name": "replay"}]}))
+    model = MLP()
+    with pytest.raises(PluginError, match="both own the role"):
+        Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=twice)
