@@ -98,9 +98,9 @@ def _run(args) -> int:
     from streamcl.distributed import is_main
     if not is_main():
         return 0
-    print(f"final accuracy {res['final_accuracy']:.4f} | average incremental accuracy "
-          f"{res['avg_incremental_accuracy']:.4f} | forgetting {_fmt(res['forgetting'])} | "
-          f"train {res['train_seconds']:.1f} s")
+    if args.quiet or not cfg["log"]["console"]:  # else the console logger has printed it
+        from streamcl.loggers.console import summary_line
+        print(summary_line(res, res["train_seconds"]))
     print(f"results: {out / 'results.json'}   TensorBoard: {_tensorboard()} --logdir {out}")
     return 0
 

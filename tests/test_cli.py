@@ -401,3 +401,13 @@ def test_a_named_recipe_takes_one_more_plugin():
     model = MLP()
     with pytest.raises(PluginError, match="both own the role"):
         Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=twice)
+
+
+def test_one_labelled_summary_with_or_without_the_console(tmp_path, capsys):
+    cfg = write(tmp_path / "c.toml", 'seed = 0\n[benchmark]\ntrain_range = [0, 600]\n[train]\nepochs = 1\n'
+                                     '[log]\ntensorboard = false\n')
+    for extra in ([], ["--quiet"]):
+        rc, stdout, stderr = run_cli(capsys, "run", cfg, "--out", tmp_path / f"o{len(extra)}", *extra)
+        both = stdout + stderr  # the console logger writes to stderr, the quiet summary to stdout
+        assert rc == 0 and both.count("final accuracy ") == 1, both
+        assert "| forgetting " in both and "| train " in both

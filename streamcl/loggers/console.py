@@ -63,8 +63,14 @@ class ConsoleLogger:
     def close(self, strategy) -> None:
         summary = strategy.metrics.summary()
         if "final_accuracy" in summary:
-            print(f"final accuracy {_fmt(summary['final_accuracy'])}, average incremental accuracy "
-                  f"{_fmt(summary['avg_incremental_accuracy'])}", file=self.stream)
+            print(summary_line(summary, strategy.train_seconds), file=self.stream)
+
+
+def summary_line(summary: dict, train_seconds: float) -> str:
+    """The run's one summary: final and average incremental accuracy, forgetting, training time."""
+    return (f"final accuracy {_fmt(summary['final_accuracy'])} | average incremental accuracy "
+            f"{_fmt(summary['avg_incremental_accuracy'])} | forgetting {_fmt(summary.get('forgetting'))} | "
+            f"train {train_seconds:.1f} s")
 
 
 def _fmt(value: float | None) -> str:
