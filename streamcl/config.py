@@ -329,12 +329,16 @@ def apply_override(cfg: dict, item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key.strip()}: a dotted key has a name between every two dots (e.g. train.epochs)")
     node: Any = cfg
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = _list_item(node, part, ".".join(parts[:i + 1]))
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, [] if part in LISTS else {})
+        else:
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a table")
     last = parts[-1]
     if isinstance(node, list):
         index = _index(node, last, key)

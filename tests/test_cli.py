@@ -280,18 +280,6 @@ def test_invalid_toml_is_named(tmp_path, capsys):
     assert "broken.toml" in err and "TOML" in err
 
 
-def test_method_and_plugins_together_are_refused(tmp_path, capsys):
-    cfg = write(tmp_path / "c.toml", """\
-        [method]
-        name = "naive"
-
-        [[plugins]]
-        name = "cumulative"
-        """)
-    err = refused(capsys, "run", cfg, "--out", tmp_path / "o")
-    assert "[method]" in err and "[[plugins]]" in err
-
-
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([])

@@ -1,10 +1,11 @@
 """Random configs: the loader accepts them or raises ConfigError, never a bare KeyError/TypeError."""
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamcl import StreamclError, config
+from streamcl import ConfigError, StreamclError, config
 from streamcl.config import SCHEMA
 from streamcl.runner import build_plugins
 
@@ -65,3 +66,10 @@ def test_non_finite_numbers_are_refused():
     for value in (float("nan"), float("inf")):
         with pytest.raises(config.ConfigError, match="finite"):
             config.parse({"train": {"lr": value}})
+
+
+@pytest.mark.parametrize("sets,words", [(["0=", "0..="], "a name between every two dots"),
+                                        (["0=", "0.a.b=1"], "'0' is a value, not a table")])
+def test_an_override_below_a_value_or_with_an_empty_name_is_refused(sets, words):
+    with pytest.raises(ConfigError, match=words):
+        config.parse({}, sets)
