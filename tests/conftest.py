@@ -9,6 +9,7 @@ resnet32 (the class-incremental literature's CIFAR ResNet, at width 8).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -213,3 +214,53 @@ def write_tiny_imagenet(root, wnids=("n03", "n01", "n02"), per_class: int = 2, v
             v += 1
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+@contextmanager
+def installed_package(src, dist: str, module: str, source: str, group: str, entries: dict[str, str],
+                      version: str = "0.1.0"):
+    """A third party's package, really pip-installed for the block: ``module`` (``source``) registering ``entries``
+    (entry-point name -> ``module:object``) under the entry-point ``group``; uninstalled after. The registry's
+    cached lists are cleared on both sides."""
+    import importlib
+    import subprocess
+    import sys
+    import textwrap
+
+    from streamcl import registry
+
+    def pip(*args: str) -> None:
+        cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+    def clear() -> None:
+        importlib.invalidate_caches()
+        for listing in (registry.available_plugins, registry.available_models, registry.available_benchmarks):
+            listing.cache_clear()
+
+    (src / f"{module}.py").write_text(source)
+    lines = "\n".join(f'{name} = "{target}"' for name, target in entries.items())
+    (src / "pyproject.toml").write_text(textwrap.dedent(f"""\
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "{dist}"
+        version = "{version}"
+        dependencies = ["streamcl"]
+
+        [tool.setuptools]
+        py-modules = ["{module}"]
+
+        [project.entry-points."{group}"]
+        """) + lines + "\n")
+    pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(src))
+    clear()
+    try:
+        yield
+    finally:
+        pip("uninstall", "--quiet", "-y", dist)
+        sys.modules.pop(module, None)
+        clear()

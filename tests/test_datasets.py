@@ -403,35 +403,14 @@ def tiny(root=None, *, n_experiences=2, scale=1.0):
 
 
 def test_third_party_benchmark_by_entry_point(tmp_path):
-    import importlib
-    import sys
     import uuid
 
     from streamcl import registry
-    from tests.test_thirdparty import _pip
+    from tests.conftest import installed_package
 
     suffix = uuid.uuid4().hex[:8]
     dist, module, name = f"streamcl-bench-test-{suffix}", f"my_bench_{suffix}", f"tiny_{suffix}"
-    (tmp_path / f"{module}.py").write_text(BENCHMARK_SOURCE)
-    (tmp_path / "pyproject.toml").write_text(textwrap.dedent(f"""\
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{dist}"
-        version = "0.1.0"
-
-        [tool.setuptools]
-        py-modules = ["{module}"]
-
-        [project.entry-points."streamcl.benchmarks"]
-        {name} = "{module}:tiny"
-        """))
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(tmp_path))
-    importlib.invalidate_caches()
-    registry.available_benchmarks.cache_clear()
-    try:
+    with installed_package(tmp_path, dist, module, BENCHMARK_SOURCE, "streamcl.benchmarks", {name: f"{module}:tiny"}):
         info = registry.available_benchmarks()[name]
         assert info.distribution == dist and not info.builtin
         cfg = config.parse({"benchmark": {"name": name, "args": {"scale": 2.0}}})
@@ -441,11 +420,6 @@ def test_third_party_benchmark_by_entry_point(tmp_path):
             config.parse({"benchmark": {"name": name, "args": {"scal": 2.0}}})
         with pytest.raises(ConfigError, match="class"):
             config.parse({"benchmark": {"name": name, "scenario": "task"}})
-    finally:
-        _pip("uninstall", "--quiet", "-y", dist)
-        sys.modules.pop(module, None)
-        importlib.invalidate_caches()
-        registry.available_benchmarks.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -6,7 +6,6 @@ test sessions running at once (or a leftover from a crashed one) never claim the
 """
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 import streamcl
 from streamcl import cli, registry
 from streamcl.errors import ConfigError, PluginError
+from tests.conftest import installed_package
 
 PLUGIN_SOURCE = '''\
 """A third-party streamcl plugin: counts training iterations and adds a small L2 loss term."""
@@ -83,35 +83,10 @@ def ext(tmp_path_factory) -> Ext:
     suffix = uuid.uuid4().hex[:8]
     e = Ext(dist=f"streamcl-thirdparty-test-{suffix}", version="0.3.1", module=f"my_cl_ext_{suffix}",
             counter=f"my_counter_{suffix}", misspelled=f"my_misspelled_{suffix}")
-    src = tmp_path_factory.mktemp("ext_src")
-    (src / f"{e.module}.py").write_text(PLUGIN_SOURCE)
-    (src / "pyproject.toml").write_text(textwrap.dedent(f"""\
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{e.dist}"
-        version = "{e.version}"
-        dependencies = ["streamcl"]
-
-        [tool.setuptools]
-        py-modules = ["{e.module}"]
-
-        [project.entry-points."streamcl.plugins"]
-        {e.counter} = "{e.module}:Counter"
-        {e.misspelled} = "{e.module}:Misspelled"
-        """))
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(src))
-    importlib.invalidate_caches()
-    registry.available_plugins.cache_clear()
-    try:
+    entries = {e.counter: f"{e.module}:Counter", e.misspelled: f"{e.module}:Misspelled"}
+    with installed_package(tmp_path_factory.mktemp("ext_src"), e.dist, e.module, PLUGIN_SOURCE, "streamcl.plugins",
+                           entries, e.version):
         yield e
-    finally:
-        _pip("uninstall", "--quiet", "-y", e.dist)
-        sys.modules.pop(e.module, None)
-        importlib.invalidate_caches()
-        registry.available_plugins.cache_clear()
 
 
 def test_installed_plugin_is_discovered(ext):

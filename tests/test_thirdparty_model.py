@@ -2,10 +2,8 @@
 (installed and uninstalled as tests/test_thirdparty.py does with a plugin)."""
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
-import textwrap
 import uuid
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from streamcl import config, registry, runner
 from streamcl.errors import ConfigError
 from streamcl.models import build
-from tests.test_thirdparty import _pip
+from tests.conftest import installed_package
 
 MODEL_SOURCE = '''\
 """A third-party streamcl model: a linear classifier on the flattened samples, ``scale`` times its logits."""
@@ -41,34 +39,9 @@ def scaled_linear(n_classes, sample_shape, *, growing=False, scale=1.0):
 def ext(tmp_path_factory):
     suffix = uuid.uuid4().hex[:8]
     dist, module, name = f"streamcl-model-test-{suffix}", f"my_cl_model_{suffix}", f"scaled_linear_{suffix}"
-    src = tmp_path_factory.mktemp("model_src")
-    (src / f"{module}.py").write_text(MODEL_SOURCE)
-    (src / "pyproject.toml").write_text(textwrap.dedent(f"""\
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{dist}"
-        version = "0.2.0"
-        dependencies = ["streamcl"]
-
-        [tool.setuptools]
-        py-modules = ["{module}"]
-
-        [project.entry-points."streamcl.models"]
-        {name} = "{module}:scaled_linear"
-        """))
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(src))
-    importlib.invalidate_caches()
-    registry.available_models.cache_clear()
-    try:
+    with installed_package(tmp_path_factory.mktemp("model_src"), dist, module, MODEL_SOURCE, "streamcl.models",
+                           {name: f"{module}:scaled_linear"}, "0.2.0"):
         yield dist, module, name
-    finally:
-        _pip("uninstall", "--quiet", "-y", dist)
-        sys.modules.pop(module, None)
-        importlib.invalidate_caches()
-        registry.available_models.cache_clear()
 
 
 def test_an_installed_model_is_found_built_by_name_and_listed(ext, tmp_path):
