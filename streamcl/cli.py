@@ -1,5 +1,5 @@
 """``streamcl run CONFIG.toml``, ``streamcl plugins``, ``streamcl models``, ``streamcl benchmarks``, ``streamcl methods``,
-``streamcl demo``."""
+``streamcl demo``, ``streamcl report RUN_DIR...``."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="folder for results.json and the TensorBoard run (default runs/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one key, e.g. --set train.epochs=1 (repeatable)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or per-experience lines")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-experience lines: "
+                     "warnings, errors and the summary only")
+    run.add_argument("-v", "--verbose", action="store_true", help="also a line per epoch and every value plugins log")
     run.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt of an earlier run")
     run.add_argument("--overwrite", action="store_true", help="replace the run an earlier command wrote to OUT")
     sub.add_parser("plugins", help="list built-in and installed plugins and where each comes from")
@@ -35,10 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo)")
     demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="recipes to compare")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    report = sub.add_parser("report", help="plots and a Markdown comparison of finished runs",
+                            description="Reads RUN_DIR/results.json of each run (a folder without one: the runs in "
+                            "its subfolders) and writes into --out: report.md (a table of final accuracy, average "
+                            "incremental accuracy, forgetting and training seconds, and each run's accuracy matrix), "
+                            "accuracy_curves.png, and per run <label>_matrix.png and <label>_old_new.png. The run "
+                            "folders are only read.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a folder that streamcl run or demo wrote")
+    report.add_argument("--out", default="report", help="folder for the report (default report, in the current folder)")
     args = parser.parse_args(argv)
     try:
         code = {"run": _run, "plugins": _plugins, "models": _models, "benchmarks": _benchmarks, "methods": _methods,
-                "demo": _demo}[args.command](args)
+                "demo": _demo, "report": _report}[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at the interpreter's exit
         return code
     except StreamclError as err:
@@ -81,6 +91,8 @@ def _version() -> str:
 def _run(args) -> int:
     from streamcl import config, runner
 
+    from streamcl.loggers.console import configure
+    configure(-1 if args.quiet else int(args.verbose))
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     runner.prepare_out(out, resume=args.resume, overwrite=args.overwrite)
@@ -156,7 +168,22 @@ def _demo(args) -> int:
     print()
     _table(("method", "final acc", "avg inc acc", "forgetting", "seconds"), rows)
     print(f"\nper-method results.json under {out}/<method>/; curves: {_tensorboard()} --logdir {out}")
+    _print_report([out / name for name in dict.fromkeys(args.methods)], out)
     return 0
+
+
+def _report(args) -> int:
+    from streamcl.report import run_folders
+
+    _print_report(run_folders(args.run_dirs), Path(args.out))
+    return 0
+
+
+def _print_report(run_dirs: list[Path], out: Path) -> None:
+    from streamcl.report import report
+
+    markdown, curves = report(run_dirs, out)
+    print(f"report: {markdown}\naccuracy curves: {curves}")
 
 
 def _tensorboard() -> str:

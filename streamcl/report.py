@@ -166,6 +166,16 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """The run folders named: a folder without ``results.json`` whose subfolders hold one stands for those
+    (sorted); anything else is kept as given (:func:`load_results` then says what is missing)."""
+    folders = []
+    for path in map(Path, paths):
+        inner = sorted(f.parent for f in path.glob("*/results.json")) if path.is_dir() else []
+        folders += inner if inner and not (path / "results.json").exists() else [path]
+    return folders
+
+
 def _method(results: dict) -> str | None:
     method = (results.get("config") or {}).get("method")
     return method.get("name") if isinstance(method, dict) else None

@@ -372,6 +372,9 @@ def test_demo_prints_each_methods_numbers_and_a_table_and_runs_again(tmp_path, c
     out = capsys.readouterr().out
     assert "  naive: final accuracy 0." in out and "  joint: final accuracy 0." in out
     assert out.count("avg inc acc") == 1  # one table
+    report = tmp_path / "demo" / "report.md"  # and a report of its runs, its paths on the last lines
+    assert out.splitlines()[-2:] == [f"report: {report}", f"accuracy curves: {tmp_path / 'demo' / 'accuracy_curves.png'}"]
+    assert "| naive | naive |" in report.read_text() and "| joint | joint |" in report.read_text()
     assert cli.main(argv) == 0  # a second demo replaces the first's runs
     assert (tmp_path / "demo" / "joint" / "results.json").is_file()
 
