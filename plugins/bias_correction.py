@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -11,6 +10,7 @@ from torch.nn import functional as F
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError
 from streamcl.scenarios import as_batch
+from streamcl.plugin import warn
 
 
 class BiasCorrection(Plugin):
@@ -93,9 +93,9 @@ class BiasCorrection(Plugin):
         data = as_batch(exp.dataset, strategy.device)
         if tuple(exemplars.x.shape[1:]) != tuple(data.x.shape[1:]):
             if not self._warned:
-                warnings.warn(f"bias_correction: the memory of {strategy.owner('memory')!r} holds samples of shape "
+                warn(f"bias_correction: the memory of {strategy.owner('memory')!r} holds samples of shape "
                               f"{tuple(exemplars.x.shape[1:])}, not inputs of shape {tuple(data.x.shape[1:])}; "
-                              "no correction is fitted", stacklevel=2)
+                              "no correction is fitted")
                 self._warned = True
             return
         labels = exemplars.y.cpu()

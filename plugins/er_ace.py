@@ -51,13 +51,20 @@ class ERACE(Plugin):
             raise ConfigError(f"ER-ACE incoming={incoming!r}: use one of {', '.join(INCOMING)}")
         self.incoming = incoming
         self._key, self._masks = None, None  # a cache of the class masks, rebuilt from the strategy
+        self._parts: tuple | None = None  # the last training minibatch's two terms, logged after its iteration
 
     @hookimpl
     def task_loss(self, strategy, output, batch) -> Tensor:
-        return self.loss(strategy, output.logits, batch.y)
+        parts = self._parts = self.terms(strategy, output.logits, batch.y)
+        return parts[0] if parts[1] is None else parts[0] + parts[1]
 
     def loss(self, strategy, logits: Tensor, y: Tensor) -> Tensor:
         """The ER-ACE loss of a minibatch whose first ``strategy.n_current`` samples are incoming."""
+        first, replayed = self.terms(strategy, logits, y)
+        return first if replayed is None else first + replayed
+
+    def terms(self, strategy, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The incoming and the replayed term of :meth:`loss` (``None`` without replayed samples)."""
         n, exp, width = strategy.n_current, strategy.experience, logits.shape[1]
         key = (exp.index, tuple(exp.classes), len(strategy.trained), width, logits.device)
         if self._key != key:  # the class masks change once per experience: build them once
@@ -67,18 +74,34 @@ class ERACE(Plugin):
         incoming, seen = self._masks
         if self.incoming == "batch":
             incoming = torch.zeros_like(incoming)
-        return ace(logits, y, n, incoming, seen)
+        return ace_terms(logits, y, n, incoming, seen)
+
+    @hookimpl
+    def after_training_iteration(self, strategy) -> None:
+        """Log the two terms of the task loss apart: ``loss/ace_incoming`` and ``loss/ace_replay``."""
+        if strategy.logs_values and self._parts is not None:
+            strategy.log("loss/ace_incoming", float(self._parts[0].detach()))
+            if self._parts[1] is not None:
+                strategy.log("loss/ace_replay", float(self._parts[1].detach()))
+        self._parts = None
 
 
 def ace(logits: Tensor, y: Tensor, n_incoming: int, incoming: Tensor, seen: Tensor) -> Tensor:
     """CE of the first ``n_incoming`` rows over the classes ``incoming`` marks, plus CE of the other
     rows over the classes ``seen`` marks (boolean masks over the columns; each CE a mean over its
     rows, the second 0 without rows). The classes of the rows' own labels are always included."""
+    incoming_term, replay_term = ace_terms(logits, y, n_incoming, incoming, seen)
+    return incoming_term if replay_term is None else incoming_term + replay_term
+
+
+def ace_terms(logits: Tensor, y: Tensor, n_incoming: int, incoming: Tensor,
+              seen: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The two terms of :func:`ace`: the incoming rows' and the replayed rows' (``None`` without replayed rows)."""
     y_in, y_re = y[:n_incoming], y[n_incoming:]
-    loss = F.cross_entropy(_only(logits[:n_incoming], incoming, y_in), y_in)
-    if len(y_re):
-        loss = loss + F.cross_entropy(_only(logits[n_incoming:], seen, y_re), y_re)
-    return loss
+    first = F.cross_entropy(_only(logits[:n_incoming], incoming, y_in), y_in)
+    if not len(y_re):
+        return first, None
+    return first, F.cross_entropy(_only(logits[n_incoming:], seen, y_re), y_re)
 
 
 def _mask(classes, width: int, device) -> Tensor:

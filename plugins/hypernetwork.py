@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -15,6 +14,7 @@ from streamcl import Batch, ConfigError, Plugin, hookimpl
 from streamcl.parts import replace_module
 from streamcl.penalty import stability_limit
 from streamcl.task_weights import call_per_task
+from streamcl.plugin import warn
 
 POWER_ITERATIONS = 20
 
@@ -322,9 +322,9 @@ class HyperNetwork(Plugin):
             self.inferred[exp.index] = sorted(exp.classes)
         again = [t for t in self.current if t in self.trained]
         if again:
-            warnings.warn(f"HyperNetwork: task label {again[0]} was trained in an earlier experience, so its "
+            warn(f"HyperNetwork: task label {again[0]} was trained in an earlier experience, so its "
                           "embedding learns again and nothing keeps its earlier weights; give each experience "
-                          "its own task label", RuntimeWarning, stacklevel=2)
+                          "its own task label", RuntimeWarning)
         earlier = sorted(t for t in self.trained if t not in self.current)
         with torch.no_grad():  # computed as the regulariser computes them, so it is exactly 0 right now
             out = model.generate(torch.stack([model.task_embeddings[t] for t in earlier])) if earlier else None
@@ -335,10 +335,10 @@ class HyperNetwork(Plugin):
             curvature = regulariser_curvature(model, sorted(self.targets), stability_limit(strategy.optimizer))
             if self.beta * curvature > 1:
                 self.beta_used = 1 / curvature
-                warnings.warn(f"HyperNetwork: beta={self.beta:g} was capped at {self.beta_used:.3g} for experience "
+                warn(f"HyperNetwork: beta={self.beta:g} was capped at {self.beta_used:.3g} for experience "
                               f"{strategy.experience.index}, half the SGD stability limit of the regulariser "
                               "((1 + momentum) / lr over its largest curvature), so the run cannot diverge; a "
-                              "smaller beta or hidden_lr avoids it", RuntimeWarning, stacklevel=2)
+                              "smaller beta or hidden_lr avoids it", RuntimeWarning)
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:

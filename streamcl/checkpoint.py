@@ -154,6 +154,7 @@ def state_of(strategy, position: bool = False) -> dict:
                     for e in strategy.trained],
         "counters": {"global_step": strategy.global_step, "train_seconds": strategy.train_seconds,
                      "eval_seconds": strategy.eval_seconds, "seed": strategy.seed},
+        "fit_epochs": dict(strategy.fit_epochs),
         "position": None if not position else {
             "experience": exp.index, "epoch": strategy.epoch, "iteration": strategy.iteration + 1,
             "order": strategy.order, "data": _cpu(strategy.train_dataset) if strategy._joined_data else None},
@@ -411,6 +412,9 @@ def _check_shape(state, path: Path) -> None:
     if set(state["counters"]) != set(_COUNTERS) or not all(
             isinstance(v, (int, float)) for v in state["counters"].values()):
         bad(f"its 'counters' are not {', '.join(_COUNTERS)}")
+    fit_epochs = state.get("fit_epochs", {})
+    if not isinstance(fit_epochs, dict) or not all(isinstance(k, str) and type(v) is int for k, v in fit_epochs.items()):
+        bad("its 'fit_epochs' are not private loops' names and epoch counts")
     if not isinstance(state.get("scaler"), (dict, type(None))):
         bad("its 'scaler' is not a gradient scaler's state_dict()")
     pos = state["position"]
@@ -462,6 +466,7 @@ def _restore(strategy, state: dict) -> None:
     strategy.trained = [Experience(dataset=None, **e) for e in state["trained"]]
     for key in _COUNTERS:
         setattr(strategy, key, state["counters"][key])
+    strategy.fit_epochs = dict(state.get("fit_epochs", {}))
     pos = state["position"]
     if pos is not None:
         strategy._resume_at = Position(**pos)

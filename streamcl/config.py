@@ -21,6 +21,7 @@ else:  # pragma: no cover
 _INT, _NUM, _STR, _BOOL, _INTS, _NUMS = (int,), (int, float), (str,), (bool,), "list[int]", "list[number]"
 _TABLE, _PATH_OR_BOOL = (dict,), (bool, str)
 _INT_OR_INTS = "int or list[int]"
+_STRS = "list[str]"
 
 # section -> key -> (accepted types, default); None as default means "absent unless given".
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -41,7 +42,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "compile": (_PATH_OR_BOOL, None), "validation": (_NUM, None),
         "num_workers": (_INT, None), "pin_memory": (_BOOL, None), "persistent_workers": (_BOOL, None),
     },
-    "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True)},
+    "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True), "csv": (_BOOL, True), "metrics": (_STRS, None),
+            "wandb": (_BOOL, False), "wandb_project": (_STR, None), "wandb_mode": (_STR, None)},
 }
 TOP = {"seed": (_INT, 0)}
 LISTS = ("plugins",)
@@ -53,6 +55,7 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "multistep", "constant"),
     ("train", "precision"): ("bf16", "fp16"),
     ("train", "device"): None,  # any torch device string
+    ("log", "wandb_mode"): ("offline", "online"),
 }
 POSITIVE = ("batch_size", "epochs", "n_experiences", "classes_per_exp", "first_exp_classes")
 INT_MAX = 2**63 - 1  # the largest TOML integer, and the largest seed torch takes
@@ -282,6 +285,10 @@ def _check(key: str, value: Any, types, choices=None) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) for v in value):
             raise ConfigError(f"'{key}' must be a list of numbers, got {value!r}")
+        return value
+    if types == _STRS:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"'{key}' must be a list of names, got {value!r}")
         return value
     if types == _INT_OR_INTS:
         if isinstance(value, list):

@@ -39,14 +39,17 @@ def setup(strategy: Strategy) -> None:
 
 
 @hookspec
-def log_value(strategy: Strategy, name: str, value: float, step: int) -> None:
-    """A scalar a plugin or the engine logged with ``strategy.log(name, value)`` (loggers write it)."""
+def log_value(strategy: Strategy, name: str, value: float, step: int, axis: str) -> None:
+    """A scalar of the run's one event stream, sent with ``strategy.log(name, value)`` by the engine (loss terms,
+    accuracies) or a plugin; loggers write it. ``step`` counts along ``axis``: ``"step"`` (training
+    iterations), ``"experience"`` (experiences trained, minus one) or a private loop's epochs; each name has one
+    value per step."""
 
 
 @hookspec
-def log_image(strategy: Strategy, name: str, image: Tensor, step: int) -> None:
-    """An image (``C x H x W``, values in [0, 1]) a plugin logged with ``strategy.log_image(name, image)``
-    (loggers write it; a generator's samples)."""
+def log_image(strategy: Strategy, name: str, image: Tensor, step: int, axis: str) -> None:
+    """An image (``C x H x W``, values in [0, 1]) sent with ``strategy.log_image(name, image)`` (the accuracy
+    matrix, a generator's samples); loggers that take images write it."""
 
 
 @hookspec
@@ -194,6 +197,12 @@ def param_groups(strategy: Strategy, model: nn.Module) -> list[dict] | None:
     with the later plugin's (plugin order)."""
 
 
+@hookspec
+def results(strategy: Strategy) -> Mapping[str, object] | None:
+    """Entries this plugin adds to the run's results (``results.json``): plain JSON values under names of its
+    own (a metric plugin's ``confusion_matrix``, ``forward_transfer``)."""
+
+
 # ----------------------------------------------------------------------------- transforms
 @hookspec
 def adapt_model(strategy: Strategy, model: nn.Module, experience: Experience) -> nn.Module:
@@ -222,5 +231,5 @@ def task_loss(strategy: Strategy, loss: Tensor | None, output: Output, batch: Ba
 
 EVENTS = tuple(name for name in dir() if name.startswith(("before_", "after_"))) + ("setup", "log_value", "log_image",
                                                                                         "set_correction")
-CONTRIBUTIONS = ("loss_terms", "replay_batch", "train_data", "held_out", "param_groups")
+CONTRIBUTIONS = ("loss_terms", "replay_batch", "train_data", "held_out", "param_groups", "results")
 TRANSFORMS = ("adapt_model", "adapt_logits", "task_loss")

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from streamcl import distributed as dist
 from streamcl.batch import Batch
 from streamcl.models.heads import IncrementalLinear
+from streamcl.plugin import warn
 
 CHUNK = 512
 BUDGET = 1 << 30  # bytes of per-sample gradients torch.func may hold at once (ResNet-18: 24 samples a pass)
@@ -223,9 +223,9 @@ class Anchors:
             for c in mine:
                 c[n] *= scale
         if capped:
-            warnings.warn(f"{self.name}: the penalty on {capped} of {total} parameters was capped at half the SGD "
+            warn(f"{self.name}: the penalty on {capped} of {total} parameters was capped at half the SGD "
                           "stability limit (1 + momentum) / lr, so the run cannot diverge; a smaller weight avoids it",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning)
 
     def penalty(self, model: nn.Module) -> Tensor:
         """The penalty on ``model``'s current parameters (differentiable); 0 with no point."""

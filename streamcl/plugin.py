@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import sys
+import warnings
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import pluggy
@@ -17,6 +20,26 @@ from streamcl.errors import PluginError
 PROJECT = "streamcl"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 HOOKS = frozenset(hookspecs.EVENTS + hookspecs.CONTRIBUTIONS + hookspecs.TRANSFORMS)
+_ENGINE = (os.path.dirname(pluggy.__file__), os.path.dirname(__file__))  # not a plugin's own code, except:
+
+
+def _engine(filename: str) -> bool:
+    import streamcl.plugins as builtin
+    return filename.startswith(_ENGINE) and not filename.startswith(tuple(builtin.__path__))
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn``, attributed to the line of the plugin's own code that led here, not to pluggy's hook
+    caller or a shared streamcl module (so ``python -W`` filters and the printed location name the plugin)."""
+    frame = sys._getframe(1)
+    while frame is not None and _engine(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:  # pragma: no cover - called from the engine alone
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}))
 
 
 def init_signature(factory) -> inspect.Signature:
@@ -216,6 +239,8 @@ def check_contribution(name: str, plugin: object, value, batch: Batch | None = N
                                          and all(isinstance(g, dict) and "params" in g for g in value)):
         raise _refuse(name, plugin, value, "it must return a list of dicts with 'params', e.g. [{'params': ps, "
                       "'lr': 0.1}] (or None)")
+    elif name == "results" and not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        raise _refuse(name, plugin, value, "it must return a mapping of entry name to a JSON value (or None)")
     return value
 
 

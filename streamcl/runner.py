@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import random
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -19,7 +19,7 @@ from streamcl import augment, config, schedule
 from streamcl import distributed as dist
 from streamcl.datasets import fashion_mnist
 from streamcl.errors import ConfigError, DataError
-from streamcl.loggers import ConsoleLogger, JSONLogger, TensorBoardLogger
+from streamcl.loggers import ConsoleLogger, CSVLogger, JSONLogger, TensorBoardLogger
 from streamcl.loggers.base import results
 from streamcl.methods import build_method
 from streamcl.models import build
@@ -36,8 +36,8 @@ def _resume(strategy: Strategy, out: Path | None, cfg: dict) -> None:
         raise ConfigError("resuming needs the output folder of the run to resume (--out)")
     if not strategy.checkpoint_path.exists():  # a directory there is refused by the load, not skipped
         if dist.is_main():
-            print(f"streamcl: no checkpoint at {strategy.checkpoint_path}; starting from the beginning",
-                  file=sys.stderr)
+            logging.getLogger("streamcl").warning("no checkpoint at %s; starting from the beginning",
+                                                  strategy.checkpoint_path)
         return
     def same_config(meta: dict) -> None:
         changed = sorted(_diff(meta.get("config"), cfg))
@@ -89,7 +89,7 @@ def lock_out(out: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
-RUN_OUTPUTS = ("results.json", "tensorboard", "checkpoints")
+RUN_OUTPUTS = ("results.json", "scalars.csv", "tensorboard", "wandb", "checkpoints")
 
 
 def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
@@ -196,6 +196,28 @@ def build_plugins(cfg: dict) -> tuple[list, bool]:
     return [*plugins, *extra], offline
 
 
+def build_loggers(cfg: dict, out: Path | None, console: bool) -> list:
+    """The loggers ``[log]`` asks for (rank 0 only under torchrun): results.json, scalars.csv, TensorBoard and
+    Weights & Biases under ``out``, and the console."""
+    log, loggers = cfg["log"], []
+    if not dist.is_main():
+        return loggers
+    if out is not None:
+        loggers.append(JSONLogger(out / "results.json", cfg))
+        if log["csv"]:
+            loggers.append(CSVLogger(out / "scalars.csv"))
+        if log["tensorboard"]:
+            loggers.append(TensorBoardLogger(out / "tensorboard", cfg))
+    if log["wandb"]:
+        from streamcl.loggers.wandb import WandbLogger
+        loggers.append(WandbLogger(project=log.get("wandb_project") or "streamcl",
+                                   mode=log.get("wandb_mode") or "offline", config=cfg,
+                                   dir=out, name=None if out is None else out.name))
+    if console:
+        loggers.append(ConsoleLogger())
+    return loggers
+
+
 def evaluate(strategy: Strategy, stream) -> dict:
     """``strategy.eval(stream)``; with plugins that correct the model's bias (``set_correction``: WA, BiC,
     DER's classifier stage), first once with the corrections off, kept as the numbers before correction."""
@@ -234,13 +256,8 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
-    loggers: list = []
-    if out is not None and dist.is_main():  # only rank 0 writes results and TensorBoard
-        loggers.append(JSONLogger(out / "results.json", cfg))
-        if cfg["log"]["tensorboard"]:
-            loggers.append(TensorBoardLogger(out / "tensorboard", cfg))
-    if (cfg["log"]["console"] if console is None else console) and dist.is_main():
-        loggers.append(ConsoleLogger())
+    plugins += [build_plugin(name) for name in cfg["log"].get("metrics") or ()]  # metric plugins
+    loggers = build_loggers(cfg, out, cfg["log"]["console"] if console is None else console)
     t = cfg["train"]
     train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)
     validation: list = []  # the held-out parts of the experiences trained so far, evaluated after every epoch

@@ -67,6 +67,7 @@ class Strategy:
                  precision: str | None = None, channels_last: bool = False, compile: bool | str = False,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
         from streamcl.loggers import resolve_loggers
+        from streamcl.loggers.events import Events
         from streamcl.registry import resolve_plugins
 
         if not isinstance(model, nn.Module):
@@ -106,12 +107,14 @@ class Strategy:
                                "persistent_workers": bool(persistent_workers) and num_workers > 0}
         self._loader: tuple | None = None  # (dataset, DataLoader, its batch list) kept while persistent_workers
         check_roles(self.plugins)
-        self.pm = make_manager(self.plugins, [self.metrics, *self.loggers])
+        self.pm = make_manager(self.plugins, [self.metrics, Events(), *self.loggers])
         hooks = self.pm.hook
         self._hook = {n: getattr(hooks, n) if getattr(hooks, n).get_hookimpls() else None
                       for n in EVENTS + CONTRIBUTIONS + TRANSFORMS}
         self.trained: list[Experience] = []
         self.global_step, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0
+        self.fit_epochs: dict[str, int] = {}  # epochs run by each private training loop (fit), by its name
+        self.correcting = True  # false inside ``uncorrected()``
         self.experience: Experience | None = None
         self.train_dataset: Dataset | None = None
         self.order: torch.Tensor | None = None
@@ -540,21 +543,29 @@ class Strategy:
             raise ConfigError(f"{plugin!r} {why}, and {found}; list a replay plugin with it, e.g. "
                               f"plugins=[Replay(memory=500), ..., {plugin!r}]")
 
-    def log(self, name: str, value: float) -> None:
-        """Send a scalar to every logger, at the current step (``loss/compress``, ``wa/factor``)."""
+    def log(self, name: str, value: float, *, step: int | None = None, axis: str = "step") -> None:
+        """Send a scalar to the run's event stream, which every logger writes (``loss/compress``, ``wa/factor``):
+        at ``step`` along ``axis`` (default: the current training step); one value per name and step."""
         hook = self._hook["log_value"]
         if hook is not None:
-            hook(strategy=self, name=name, value=float(value), step=self.global_step)
+            hook(strategy=self, name=name, value=float(value), step=self.global_step if step is None else int(step),
+                 axis=axis)
+
+    @property
+    def logs_values(self) -> bool:
+        """Whether a logger takes scalars (work done only to log them is skipped otherwise)."""
+        return self._hook["log_value"] is not None
 
     @property
     def logs_images(self) -> bool:
         """Whether a logger takes images (a plugin draws them only then)."""
         return self._hook["log_image"] is not None
 
-    def log_image(self, name: str, image: torch.Tensor) -> None:
-        """Send an image (``C x H x W`` in [0, 1]) to every logger that takes images, at the current step."""
+    def log_image(self, name: str, image: torch.Tensor, *, step: int | None = None, axis: str = "step") -> None:
+        """Send an image (``C x H x W`` in [0, 1]) to every logger that takes images, as :meth:`log` a scalar."""
         if self.logs_images:
-            self._hook["log_image"](strategy=self, name=name, image=image.detach().float().cpu(), step=self.global_step)
+            self._hook["log_image"](strategy=self, name=name, image=image.detach().float().cpu(),
+                                    step=self.global_step if step is None else int(step), axis=axis)
 
     @property
     def corrects(self) -> bool:
@@ -563,13 +574,16 @@ class Strategy:
 
     @contextmanager
     def uncorrected(self) -> Iterator[None]:
-        """Within the context, every bias correction is switched off (``set_correction(active=False)``)."""
+        """Within the context, every bias correction is switched off (``set_correction(active=False)``) and
+        ``strategy.correcting`` is false (loggers label what they write then)."""
         hook = self._hook["set_correction"]
         if hook is not None:
             hook(strategy=self, active=False)
+        self.correcting = False
         try:
             yield
         finally:
+            self.correcting = True
             if hook is not None:
                 hook(strategy=self, active=True)
 
@@ -581,8 +595,8 @@ class Strategy:
         minimising ``loss(minibatch)``, with a fresh optimizer of the strategy's kind: each parameter keeps
         the settings (learning rate...) of its group in the strategy's optimizer, ``options`` override them.
         The loop's ``schedule`` (restarted over this loop's steps; ``scheduled=False`` for a loop that sets its
-        own rates), ``clip_grad_norm`` and ``precision`` apply. Logs ``loss/<name>`` (each epoch's mean) and
-        returns those means. ``strategy.is_training`` is true while it runs.
+        own rates), ``clip_grad_norm`` and ``precision`` apply. Logs ``loss/<name>`` (each epoch's mean, along the
+        axis ``"<name> epoch"``, counted over every call with this name) and returns those means. ``strategy.is_training`` is true while it runs.
         """
         params = list(params)
         optimizer = type(self.optimizer)(self._groups_for(params, options))
@@ -610,7 +624,8 @@ class Strategy:
                 if self.check_finite and not math.isfinite(means[-1]):
                     raise TrainingError(f"non-finite loss in {name!r} (a private training loop); lower its "
                                         "learning rate")
-                self.log(f"loss/{name}", means[-1])
+                done = self.fit_epochs[name] = self.fit_epochs.get(name, 0) + 1
+                self.log(f"loss/{name}", means[-1], step=done - 1, axis=f"{name} epoch")
         return means
 
     def _groups_for(self, params: list[nn.Parameter], options: dict) -> list[dict]:

@@ -325,7 +325,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     events = sorted((out / "tensorboard").rglob("events.*"))
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert "already holds a run (results.json, tensorboard, checkpoints); give --resume" in capsys.readouterr().err
+    assert "already holds a run (results.json, scalars.csv, tensorboard, checkpoints); give --resume" in capsys.readouterr().err
     assert sorted((out / "tensorboard").rglob("events.*")) == events  # nothing appended
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert len(list((out / "tensorboard").rglob("events.*"))) == len(events)  # one run's event files, afresh

@@ -1,20 +1,25 @@
-"""Loggers: TensorBoard, console progress, ``results.json``. Each is an engine-owned plugin."""
+"""Loggers: TensorBoard, CSV, Weights & Biases, console progress, ``results.json``. Each is an engine-owned plugin
+fed by the run's one event stream (``strategy.log``)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 from streamcl.errors import ConfigError
 from streamcl.loggers.console import ConsoleLogger
+from streamcl.loggers.csvlog import CSVLogger
 from streamcl.loggers.jsonlog import JSONLogger
 from streamcl.loggers.tensorboard import TensorBoardLogger
 
-LOGGERS = {"tensorboard": TensorBoardLogger, "console": ConsoleLogger, "json": JSONLogger}
+LOGGERS = {"tensorboard": TensorBoardLogger, "console": ConsoleLogger, "json": JSONLogger, "csv": CSVLogger}
 
 
 def resolve_loggers(loggers: Sequence[object]) -> list[object]:
-    """Logger instances from a list that may name loggers ("tensorboard", "console", "json")."""
+    """Logger instances from a list that may name loggers ("tensorboard", "console", "json", "csv", "wandb")."""
     out = []
     for logger in loggers:
+        if logger == "wandb":
+            from streamcl.loggers.wandb import WandbLogger
+            logger = WandbLogger()
         if isinstance(logger, str):
             if logger not in LOGGERS:
                 raise ConfigError(f"unknown logger '{logger}'; known loggers: {', '.join(LOGGERS)}")
@@ -23,4 +28,4 @@ def resolve_loggers(loggers: Sequence[object]) -> list[object]:
     return out
 
 
-__all__ = ["ConsoleLogger", "JSONLogger", "LOGGERS", "TensorBoardLogger", "resolve_loggers"]
+__all__ = ["CSVLogger", "ConsoleLogger", "JSONLogger", "LOGGERS", "TensorBoardLogger", "resolve_loggers"]

@@ -29,7 +29,8 @@ def run_hparams(strategy) -> dict[str, Any]:
 
 def results(strategy, config: dict | None = None) -> dict[str, Any]:
     """The ``results.json`` content: metrics so far, timings, plugins, config and versions."""
-    return {**strategy.metrics.summary(), "train_seconds": strategy.train_seconds,
+    extra = {k: v for piece in strategy._contributions("results") for k, v in piece.items()}  # metric plugins
+    return {**strategy.metrics.summary(), **extra, "train_seconds": strategy.train_seconds,
             "eval_seconds": strategy.eval_seconds, "plugins": strategy.plugin_names,
             "config": config if config is not None else run_hparams(strategy), "versions": versions()}
 

@@ -11,20 +11,6 @@ from streamcl.loggers.base import run_hparams
 from streamcl.metrics import recording
 from streamcl.plugin import hookimpl
 
-GREY = (0.5, 0.5, 0.5)  # a cell of the matrix that was not measured
-
-
-def matrix_image(R: list[list[float | None]], cell: int = 24) -> torch.Tensor:
-    """R as a 3 x H x W heat map in [0, 1]: dark blue at accuracy 0, yellow at 1, grey where not measured
-    (``None``), one square per entry."""
-    missing = torch.tensor([[v is None for v in r] for r in R], dtype=torch.bool)
-    values = torch.tensor([[0.0 if v is None else v for v in r] for r in R], dtype=torch.float32).clamp(0, 1)
-    low, high = torch.tensor([0.15, 0.05, 0.35]), torch.tensor([0.99, 0.9, 0.15])
-    rgb = low[:, None, None] + (high - low)[:, None, None] * values[None]
-    rgb = torch.where(missing[None], torch.tensor(GREY)[:, None, None], rgb)
-    return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-
-
 def matrix_markdown(R: list[list[float | None]]) -> str:
     """R as a markdown table, one row per trained experience; "-" where not measured."""
     head = "| after \\ on | " + " | ".join(f"exp {j}" for j in range(len(R[0]))) + " |"
@@ -34,16 +20,12 @@ def matrix_markdown(R: list[list[float | None]]) -> str:
 
 
 class TensorBoardLogger:
-    """Engine-owned plugin writing a TensorBoard run to ``log_dir``.
+    """Engine-owned plugin writing the run's event stream to a TensorBoard run in ``log_dir``.
 
-    Scalars: ``loss/<term>`` and ``loss/total`` per iteration; ``accuracy/exp<j>`` (the cells
-    measured), ``accuracy/mean`` (their mean), ``accuracy/seen``, ``accuracy/old`` and
-    ``accuracy/new`` per trained experience (step: its row of the matrix); ``periodic/exp<j>`` and
-    ``periodic/mean`` at the global step, for evaluations that do not record (during training, or
-    ``record=False``); every scalar a plugin logs with ``strategy.log`` (``loss/vae_recon``, ``wa/factor``) at the
-    global step. Images: ``accuracy_matrix``, and every image a plugin logs with ``strategy.log_image`` (a
-    generator's samples). Text: the hyper-parameters, the plugin list and
-    the matrix. HParams: the run's settings with its final metrics, when the run closes.
+    Scalars and images: everything sent with ``strategy.log`` / ``strategy.log_image`` (see
+    :class:`streamcl.loggers.events.Events` for the engine's own: ``loss/<term>``, ``accuracy/...``), each at its
+    step. Text: the hyper-parameters, the plugin list and the accuracy matrix. HParams: the run's method and the
+    settings it changed from the defaults, with its final metrics, when the run closes.
     """
 
     name = "tensorboard"
@@ -69,12 +51,7 @@ class TensorBoardLogger:
 
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
-        terms = strategy.loss_terms
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
-        step = self._step = strategy.global_step
-        for name, value in zip(terms, values):
-            self.writer.add_scalar(f"loss/{name}", value, step)
-        self.writer.add_scalar("loss/total", sum(values), step)
+        self._step = strategy.global_step
 
     @hookimpl
     def log_value(self, name: str, value: float, step: int) -> None:
@@ -86,29 +63,9 @@ class TensorBoardLogger:
 
     @hookimpl
     def after_eval(self, strategy) -> None:
-        if not recording(strategy):
-            accuracy = {c.experience: c.accuracy for c in strategy.eval_results}
-            for j, acc in sorted(accuracy.items()):
-                self.writer.add_scalar(f"periodic/exp{j}", acc, strategy.global_step)
-            if accuracy:
-                self.writer.add_scalar("periodic/mean", sum(accuracy.values()) / len(accuracy), strategy.global_step)
-            self.writer.flush()
-            return
-        summary = strategy.metrics.summary()
-        R = summary["accuracy_matrix"]
-        step = len(strategy.trained) - 1  # this evaluation's row
-        if not strategy.eval_results or not 0 <= step < len(R):
-            return
-        known = [(j, acc) for j, acc in enumerate(R[step]) if acc is not None]
-        for j, acc in known:
-            self.writer.add_scalar(f"accuracy/exp{j}", acc, step)
-        self.writer.add_scalar("accuracy/mean", sum(acc for _, acc in known) / len(known), step)
-        for key in ("seen", "old", "new"):
-            value = summary[f"{key}_accuracy"][step]
-            if value is not None:
-                self.writer.add_scalar(f"accuracy/{key}", value, step)
-        self.writer.add_image("accuracy_matrix", matrix_image(R), step)
-        self.writer.add_text("accuracy_matrix", matrix_markdown(R), step)
+        R = strategy.metrics.matrix
+        if recording(strategy) and strategy.correcting and strategy.eval_results and strategy.trained and R:
+            self.writer.add_text("accuracy_matrix", matrix_markdown(R), len(strategy.trained) - 1)
         self.writer.flush()
 
     def state_dict(self) -> dict:
@@ -124,14 +81,29 @@ class TensorBoardLogger:
 
     def close(self, strategy) -> None:
         summary = strategy.metrics.summary()
-        hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-              for k, v in _flatten(self.config or run_hparams(strategy)).items()}
-        hp["plugins"] = run_hparams(strategy)["plugins"]  # what ran, also when a recipe built the list
+        hp = hparams(self.config, strategy)
         metrics = {f"hparam/{k}": summary[k] for k in ("final_accuracy", "avg_incremental_accuracy", "forgetting")
                    if summary.get(k) is not None}
         if metrics:
             self.writer.add_hparams(hp, metrics, run_name=".")
         self.writer.close()
+
+
+def hparams(config: dict | None, strategy) -> dict:
+    """What tells runs apart in the HParams tab: the method (``method.name``, else the plugin list), the
+    benchmark, model and seed, and every config key set to other than its default; values as text or numbers."""
+    from streamcl.config import parse
+
+    ran = run_hparams(strategy)
+    if config is None:
+        chosen = ran
+    else:
+        flat, default = _flatten(config), _flatten(parse({}))
+        always = ("method.name", "benchmark.name", "model.name", "seed")
+        chosen = {k: v for k, v in flat.items() if k in always or default.get(k, object()) != v}
+        chosen.setdefault("method.name", "(plugins)" if config.get("plugins") else "naive")
+    chosen = {"plugins": ran["plugins"], **chosen}  # what ran, also when a recipe built the list
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in chosen.items()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
