@@ -205,8 +205,9 @@ def test_defaults_and_state_round_trip():
 # ----------------------------------------------------------------------------- no weight makes a NaN
 @pytest.mark.parametrize("online", [False, True])
 def test_huge_lambda_stays_finite_and_warns_on_the_tiny_stream(online):
-    with pytest.warns(RuntimeWarning, match="capped"):
+    with pytest.warns(RuntimeWarning, match="capped") as caught:
         results = tiny_run({"plugins": [{"name": "ewc", "lambda_": 1e6, "online": online}]})
+    assert caught[0].filename.endswith("plugins/ewc.py")  # EWC's line, not the shared penalty's or pluggy's
     matrix = torch.tensor(results["accuracy_matrix"])
     assert torch.isfinite(matrix).all() and math.isfinite(results["final_accuracy"])
     assert matrix[0, 0] > 0.9 and matrix[-1, 0] > 0.9  # the first experience is learned, then held

@@ -69,7 +69,7 @@ class WandbLogger:
     def load_state_dict(self, state: dict) -> None:
         """Go on in the run the checkpoint's run wrote (same id), not in a new one."""
         if state["id"] != self.run.id:
-            self.run.finish(quiet=True)
+            self.run.finish()
             self.run = self.wandb.init(**{**self.options, "id": state["id"], "resume": "allow"})
             self.named = set()
 
@@ -78,4 +78,4 @@ class WandbLogger:
         summary = strategy.metrics.summary()
         self.run.summary.update({k: summary[k] for k in ("final_accuracy", "avg_incremental_accuracy", "forgetting")
                                  if summary.get(k) is not None})
-        self.run.finish(quiet=True)
+        self.run.finish()
