@@ -94,8 +94,8 @@ class BiasCorrection(Plugin):
         if tuple(exemplars.x.shape[1:]) != tuple(data.x.shape[1:]):
             if not self._warned:
                 warn(f"bias_correction: the memory of {strategy.owner('memory')!r} holds samples of shape "
-                              f"{tuple(exemplars.x.shape[1:])}, not inputs of shape {tuple(data.x.shape[1:])}; "
-                              "no correction is fitted")
+                     f"{tuple(exemplars.x.shape[1:])}, not inputs of shape {tuple(data.x.shape[1:])}; "
+                     "no correction is fitted")
                 self._warned = True
             return
         labels = exemplars.y.cpu()
@@ -130,7 +130,14 @@ class BiasCorrection(Plugin):
         z = strategy.infer(self.held, adapt=False).raw  # the frozen model's own logits
         width = z.shape[1]
         z = correct(z, self.pairs)
-        alpha, beta = fit_pair(z, self.held.y, [c for c in old if c < width], [c for c in new if c < width])
+        old, new = [c for c in old if c < width], [c for c in new if c < width]
+        alpha, beta = fit_pair(z, self.held.y, old, new)
+        if strategy.logs_values:  # eq. 6 on the held-out set before (alpha=1, beta=0) and after the fit
+            loss = pair_loss(z, self.held.y, old, new)
+            strategy.log("loss/bic_before", float(loss(torch.tensor([1.0, 0.0], dtype=torch.float64))))
+            strategy.log("loss/bic", float(loss(torch.tensor([alpha, beta], dtype=torch.float64))))
+            strategy.log("bic/alpha", alpha)
+            strategy.log("bic/beta", beta)
         self.pairs.append({"experience": strategy.experience.index, "classes": list(new),
                            "alpha": alpha, "beta": beta})
         self._affine = None
@@ -241,10 +248,9 @@ def correct(logits: Tensor, pairs: list[dict]) -> Tensor:
     return logits * scale + shift
 
 
-def fit_pair(logits: Tensor, y: Tensor, old: list[int], new: list[int], iterations: int = 100) -> tuple[float, float]:
-    """The ``(alpha, beta)`` minimising eq. 6: the mean cross-entropy over the classes ``old + new`` of the logits
-    with ``alpha * o + beta`` on the ``new`` columns (``y`` in ``old + new``). Newton's method with backtracking
-    from ``(1, 0)``; the loss is convex in ``(alpha, beta)``."""
+def pair_loss(logits: Tensor, y: Tensor, old: list[int], new: list[int]):
+    """Eq. 6 as a function of ``theta = (alpha, beta)``: the mean cross-entropy over the classes ``old + new`` of
+    the logits with ``alpha * o + beta`` on the ``new`` columns (float64, on the CPU)."""
     seen = sorted(set(old) | set(new))
     z = logits.detach().double()[:, seen].cpu()
     target = torch.searchsorted(torch.tensor(seen), y.detach().cpu())
@@ -253,7 +259,14 @@ def fit_pair(logits: Tensor, y: Tensor, old: list[int], new: list[int], iteratio
     def loss(theta: Tensor) -> Tensor:
         q = z * (1 + mask * (theta[0] - 1)) + mask * theta[1]
         return F.cross_entropy(q, target)
+    return loss
 
+
+def fit_pair(logits: Tensor, y: Tensor, old: list[int], new: list[int], iterations: int = 100) -> tuple[float, float]:
+    """The ``(alpha, beta)`` minimising eq. 6: the mean cross-entropy over the classes ``old + new`` of the logits
+    with ``alpha * o + beta`` on the ``new`` columns (``y`` in ``old + new``). Newton's method with backtracking
+    from ``(1, 0)``; the loss is convex in ``(alpha, beta)``."""
+    loss = pair_loss(logits, y, old, new)
     theta = torch.tensor([1.0, 0.0], dtype=torch.float64)
     grad_fn, hess_fn = torch.func.grad(loss), torch.func.hessian(loss)
     for _ in range(iterations):

@@ -323,8 +323,8 @@ class HyperNetwork(Plugin):
         again = [t for t in self.current if t in self.trained]
         if again:
             warn(f"HyperNetwork: task label {again[0]} was trained in an earlier experience, so its "
-                          "embedding learns again and nothing keeps its earlier weights; give each experience "
-                          "its own task label", RuntimeWarning)
+                 "embedding learns again and nothing keeps its earlier weights; give each experience "
+                 "its own task label", RuntimeWarning)
         earlier = sorted(t for t in self.trained if t not in self.current)
         with torch.no_grad():  # computed as the regulariser computes them, so it is exactly 0 right now
             out = model.generate(torch.stack([model.task_embeddings[t] for t in earlier])) if earlier else None
@@ -336,9 +336,9 @@ class HyperNetwork(Plugin):
             if self.beta * curvature > 1:
                 self.beta_used = 1 / curvature
                 warn(f"HyperNetwork: beta={self.beta:g} was capped at {self.beta_used:.3g} for experience "
-                              f"{strategy.experience.index}, half the SGD stability limit of the regulariser "
-                              "((1 + momentum) / lr over its largest curvature), so the run cannot diverge; a "
-                              "smaller beta or hidden_lr avoids it", RuntimeWarning)
+                     f"{strategy.experience.index}, half the SGD stability limit of the regulariser "
+                     "((1 + momentum) / lr over its largest curvature), so the run cannot diverge; a "
+                     "smaller beta or hidden_lr avoids it", RuntimeWarning)
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:

@@ -224,8 +224,8 @@ class Anchors:
                 c[n] *= scale
         if capped:
             warn(f"{self.name}: the penalty on {capped} of {total} parameters was capped at half the SGD "
-                          "stability limit (1 + momentum) / lr, so the run cannot diverge; a smaller weight avoids it",
-                          RuntimeWarning)
+                 "stability limit (1 + momentum) / lr, so the run cannot diverge; a smaller weight avoids it",
+                 RuntimeWarning)
 
     def penalty(self, model: nn.Module) -> Tensor:
         """The penalty on ``model``'s current parameters (differentiable); 0 with no point."""

@@ -40,6 +40,8 @@ def test_one_value_per_name_and_step_with_a_bias_correction(tmp_path):
     assert [s for s, _ in found["accuracy/mean"]] == [0, 1, 2]
     assert [s for s, _ in found["uncorrected/accuracy/mean"]] == [0, 1, 2]
     assert [s for s, _ in found["loss/total"]] == list(range(STEPS))
+    assert len(found["loss/bic"]) == len(found["bic/alpha"]) == 2  # its bias layer fitted after experiences 1, 2
+    assert all(after <= before + 1e-9 for (_, after), (_, before) in zip(found["loss/bic"], found["loss/bic_before"]))
     results = json.loads((tmp_path / "results.json").read_text())
     assert [v for _, v in found["accuracy/seen"]] == pytest.approx(results["seen_accuracy"])
 
