@@ -15,7 +15,8 @@ from streamcl.errors import StreamclError
 DEMO_METHODS = ("naive", "replay", "replay_lwf", "icarl", "derpp", "joint")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (tests/test_docs.py checks every ``streamcl ...`` line of the docs with it)."""
     parser = argparse.ArgumentParser(prog="streamcl", description="Continual learning on a stream of experiences.")
     parser.add_argument("--version", action="version", version=f"streamcl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                             "folders are only read.")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a folder that streamcl run or demo wrote")
     report.add_argument("--out", default="report", help="folder for the report (default report, in the current folder)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         code = {"run": _run, "plugins": _plugins, "models": _models, "benchmarks": _benchmarks, "methods": _methods,
                 "demo": _demo, "report": _report}[args.command](args)

@@ -45,6 +45,75 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "log": {"tensorboard": (_BOOL, True), "console": (_BOOL, True), "csv": (_BOOL, True), "metrics": (_STRS, None),
             "wandb": (_BOOL, False), "wandb_project": (_STR, None), "wandb_mode": (_STR, None)},
 }
+# "section.key" (a top-level key: its name) -> what it does, one sentence; docs/config.md's tables are generated
+# from SCHEMA, TOP, CHOICES and these (python -m streamcl.docs), and tests/test_docs.py wants one for every key.
+HELP: dict[str, str] = {
+    "seed": "Seeds Python's random, NumPy and PyTorch before the model is built, and the strategy's generator "
+            "(the order of the data); 0 to 2**63-1.",
+    "benchmark.name": "`\"split-fmnist\"`, `\"permuted-fmnist\"`, or a benchmark registered under "
+                      "`streamcl.benchmarks` (`streamcl benchmarks`).",
+    "benchmark.scenario": "Class-, task- or domain-incremental; must suit `name` (the pairs are below).",
+    "benchmark.n_experiences": "The number of experiences in the stream; at most 10 for split-fmnist, the number "
+                               "of test images for permuted-fmnist.",
+    "benchmark.class_order": "The order in which the classes arrive, a permutation of the labels (split streams).",
+    "benchmark.classes_per_exp": "Classes per experience, a divisor of the classes to split, or the size of each "
+                                 "experience as a list; absent: the classes divided evenly.",
+    "benchmark.first_exp_classes": "The number of classes in experience 0, the rest divided among the others "
+                                   "(B50-Inc10).",
+    "benchmark.class_seed": "Without `class_order`, the seed of the drawn class order.",
+    "benchmark.root": "The first folder searched for the dataset's files.",
+    "benchmark.task_labels": "Experience k carries task label k at train and test time; of the two built-in "
+                             "streams only permuted-fmnist takes it (PFM-5-TL).",
+    "benchmark.train_range": "`[first, end]`, 0 <= first < end: only training images first .. end-1 (dataset "
+                             "order) make the stream.",
+    "benchmark.args": "Keyword arguments of a registered benchmark's function, checked by name.",
+    "model.name": "A model registered under `streamcl.models` (`streamcl models`), or `\"timm:<model name>\"`.",
+    "model.hidden": "The MLP's hidden layer widths, each at least 1 (other models ignore it).",
+    "model.growing": "The output layer starts empty and grows before each experience to the classes seen so far.",
+    "model.pretrained": "timm models only: `true` downloads timm's weights, a string is a weights file.",
+    "model.checkpoint": "A backbone's weights file (`torch.save(model.state_dict())`) loaded but for the head, or "
+                        "`\"pt-sfm-5\"`.",
+    "model.args": "The model's own keyword arguments (for timm, those of `timm.create_model`), checked by name.",
+    "train.optimizer": "The optimizer of every parameter.",
+    "train.lr": "The learning rate, above 0 and at most 100.",
+    "train.momentum": "SGD's momentum, from 0 to below 1 (`\"sgd\"` only).",
+    "train.weight_decay": "L2 weight decay, from 0 to 1.",
+    "train.batch_size": "Training minibatch size (new samples; replayed ones are added to it).",
+    "train.eval_batch_size": "Evaluation minibatch size.",
+    "train.epochs": "Epochs per experience.",
+    "train.device": "A torch device this machine has: `\"cpu\"`, `\"cuda\"`, `\"cuda:1\"`, `\"mps\"`.",
+    "train.checkpoint_every": "Also write `OUT/checkpoints/last.pt` every this many training steps (0: after each "
+                              "experience only).",
+    "train.augment": "`\"crop_flip\"`: every training image, new and replayed, randomly cropped after zero padding "
+                     "and flipped (`streamcl.augment.CropFlip`); memories keep the clean images.",
+    "train.crop_padding": "`\"crop_flip\"`'s zero padding in pixels before the crop (2 when absent; 4 in the CIFAR "
+                          "recipe).",
+    "train.schedule": "The learning rate of every group times a factor restarted at every experience "
+                      "(`streamcl.schedule`); absent: the optimizer's rate throughout.",
+    "train.warmup": "Steps of linear warm-up at the start of every experience (with or without `schedule`).",
+    "train.milestones": "`\"multistep\"` only: fractions of the experience's steps where the rate is multiplied by "
+                        "`gamma` (`[0.5, 0.75]` when absent).",
+    "train.gamma": "`\"multistep\"` only: the factor at each milestone (0.1 when absent).",
+    "train.clip_grad_norm": "Above 0: the gradients' total 2-norm is clipped to it before each update.",
+    "train.precision": "The forward and the losses under autocast (`\"fp16\"` with a checkpointed gradient "
+                       "scaler); absent: float32.",
+    "train.channels_last": "Images and convolution weights in NHWC memory order.",
+    "train.compile": "`true`: `torch.compile` the training forward; a string names the backend.",
+    "train.validation": "In (0, 1): that fraction of each experience held out (seeded), the seen ones evaluated "
+                        "after every epoch (`periodic`).",
+    "train.num_workers": "DataLoader worker processes for datasets that are not tensors in memory (0 when absent).",
+    "train.pin_memory": "Page-locked host batches, copied to the GPU asynchronously.",
+    "train.persistent_workers": "DataLoader workers kept for all epochs of an experience.",
+    "log.tensorboard": "A TensorBoard run in `OUT/tensorboard/`: loss terms, accuracies, the accuracy matrix, "
+                       "hyper-parameters.",
+    "log.console": "Progress and one accuracy line per evaluation on stderr (`streamcl run --quiet` turns it off).",
+    "log.csv": "`OUT/scalars.csv`: every logged scalar as rows `name, axis, step, value`.",
+    "log.metrics": "Metric plugins added to the run, by name (e.g. `[\"train_accuracy\", \"confusion_matrix\"]`).",
+    "log.wandb": "A Weights & Biases run (`pip install 'streamcl[wandb]'`).",
+    "log.wandb_project": "The Weights & Biases project (`\"streamcl\"` when absent).",
+    "log.wandb_mode": "`\"offline\"` (when absent) writes under `OUT` for a later `wandb sync`; `\"online\"` "
+                      "streams to the server.",
+}
 TOP = {"seed": (_INT, 0)}
 LISTS = ("plugins",)
 TABLES = ("method",)
