@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.streamcl-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test data bench clean
+.PHONY: demo test data bench docs clean
 
 demo: $(STAMP) data
 	$(PY) -m streamcl demo --out runs/demo
@@ -17,6 +17,10 @@ test: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) benchmarks/overhead.py
+
+# the generated parts of docs/config.md (from the config schema) and docs/methods.md (recipes, plugins)
+docs: $(STAMP)
+	$(PY) -m streamcl.docs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
