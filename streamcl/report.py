@@ -89,6 +89,39 @@ def matrix_figure(R: Matrix, title: str | None = None) -> np.ndarray:
     return _pixels(fig)
 
 
+def confusion_figure(matrix: list[list[int]], classes: list[int], title: str | None = None) -> np.ndarray:
+    """A confusion matrix as a heat map: row a the true class ``classes[a]``, column b the predicted ``classes[b]``.
+
+    A cell's colour is its share of its row (viridis over [0, 1], colour bar beside), its text the count
+    (shown up to 20 classes); a row without samples is dark.
+    """
+    counts = np.array(matrix, dtype=float).reshape(len(classes), len(classes))
+    n = len(classes)
+    cell = max(0.3, min(0.6, 8 / max(n, 1)))
+    fig = _canvas(2.2 + cell * n, 1.4 + cell * n + (0.3 if title else 0))
+    ax = fig.add_subplot()
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if not n:
+        ax.text(0.5, 0.5, "nothing evaluated", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([]), ax.set_yticks([])
+        return _pixels(fig)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    image = ax.imshow(share, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    ax.set_xticks(range(n), [str(c) for c in classes]), ax.set_yticks(range(n), [str(c) for c in classes])
+    fig.colorbar(image, ax=ax, label="share of the true class", fraction=0.05)
+    if n <= 20:
+        size = max(5.0, min(10.0, 14 * cell))
+        for a in range(n):
+            for b in range(n):
+                ax.text(b, a, str(int(counts[a, b])), ha="center", va="center", fontsize=size,
+                        color="black" if share[a, b] > 0.6 else "white")
+    return _pixels(fig)
+
+
 def _line(ax, values, label: str, marker: str) -> None:
     y = [np.nan if not _known(v) else v for v in values]
     ax.plot(range(len(y)), y, marker=marker, label=label, clip_on=False)
