@@ -111,7 +111,7 @@ HELP: dict[str, str] = {
     "log.metrics": "Metric plugins added to the run, by name (e.g. `[\"train_accuracy\", \"confusion_matrix\"]`).",
     "log.wandb": "A Weights & Biases run (`pip install 'streamcl[wandb]'`).",
     "log.wandb_project": "The Weights & Biases project (`\"streamcl\"` when absent).",
-    "log.wandb_mode": "`\"offline\"` (when absent) writes under `OUT` for a later `wandb sync`; `\"online\"` "
+    "log.wandb_mode": "`\"offline\"` (when absent) writes under `OUT/wandb/` for a later `wandb sync`; `\"online\"` "
                       "streams to the server.",
 }
 TOP = {"seed": (_INT, 0)}
