@@ -62,6 +62,7 @@ class ConsoleLogger:
             configure(0 if level == logging.INFO else (-1 if level > logging.INFO else 1), stream)
         self.stream = next((h.stream for h in log.handlers if hasattr(h, "stream")), stream or sys.stderr)
         self.bar: tqdm | None = None
+        self.per_epoch = 0
         self.loss: float | None = None
         self.accuracy: float | None = None
 
@@ -69,8 +70,8 @@ class ConsoleLogger:
         n = len(strategy.train_dataset)
         per_epoch = math.ceil(n / strategy.batch_size)
         self.bar = tqdm(total=strategy.epochs * per_epoch, file=self.stream, leave=False, mininterval=0.5,
-                        disable=not log.isEnabledFor(logging.INFO), desc=f"exp {strategy.experience.index}",
-                        initial=min(strategy.epoch * per_epoch + strategy.iteration, strategy.epochs * per_epoch))
+                        disable=not log.isEnabledFor(logging.INFO), desc=f"exp {strategy.experience.index}")
+        self.per_epoch = per_epoch
 
     @hookimpl
     def before_training_exp(self, strategy) -> None:
@@ -87,8 +88,9 @@ class ConsoleLogger:
 
     @hookimpl
     def after_training_iteration(self, strategy) -> None:
-        if self.bar is None:  # resumed inside an experience
+        if self.bar is None:  # resumed inside an experience: the steps before this one were done
             self._open(strategy)
+            self.bar.update(strategy.epoch * self.per_epoch + strategy.iteration)
         self.bar.update()
         if strategy.iteration % self.every == 0 and not self.bar.disable:
             self.bar.set_postfix_str(self._postfix(strategy), refresh=False)
