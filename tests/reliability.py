@@ -11,8 +11,8 @@ from streamcl.registry import available_plugins
 from streamcl.scenarios import class_incremental
 from tests.synthetic import blobs
 
-# metric plugins (class attribute ``metric = True``: they only observe) are left out of the generic tests, which run every
-# pair and every unit; tests/test_metric_plugins.py runs all of them together beside two methods instead
+# metric plugins (class attribute ``metric = True``: they only observe) are left out of the generic tests, which run
+# every pair and every unit; tests/test_metric_plugins.py runs all of them together beside two methods instead
 METRIC_PLUGINS = sorted(n for n, info in available_plugins().items()
                          if info.builtin and getattr(info.load(), "metric", False))
 BUILTIN_PLUGINS = sorted(n for n, info in available_plugins().items() if info.builtin and n not in METRIC_PLUGINS)

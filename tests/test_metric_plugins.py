@@ -250,7 +250,8 @@ def test_metrics_together_only_observe_and_reach_results_and_csv(tmp_path, metho
                        "model/parameters": "experience", "model/trainable_parameters": "experience",
                        "model/bytes": "experience", "plugins/bytes": "experience"}.items():
         assert axes.get(name) == axis, name
-    assert [r["value"] for r in rows if r["name"] == "forward_transfer"][-1] == pytest.approx(written["forward_transfer"])
+    fwt = [r["value"] for r in rows if r["name"] == "forward_transfer"]
+    assert fwt[-1] == pytest.approx(written["forward_transfer"])
 
 
 RESUMED = ("forward_transfer", "random_init_accuracy", "train_accuracy")
