@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from streamcl import Batch, distributed as dist, hookimpl
 from streamcl.models.generators import mlp_vae
-from streamcl.plugins.distill import frozen
+from streamcl.parts import frozen
 from streamcl.plugins.generative_replay import GenerativeReplay, generator_state, load_generator_state
 from streamcl.plugins.latent_replay import PROBE, LatentReplay
 from streamcl.scenarios import as_batch

@@ -1,7 +1,6 @@
 """Knowledge distillation from a frozen copy of the model on the logits of the classes seen before."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -10,21 +9,9 @@ from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
+from streamcl.parts import frozen
 
 KINDS = ("kl", "bce")
-
-
-def frozen(model: torch.nn.Module | None, state: dict | None = None) -> torch.nn.Module | None:
-    """A deep copy of ``model`` (loaded with ``state`` if given) in evaluation mode, taking no gradient."""
-    if model is None:
-        return None
-    teacher = copy.deepcopy(model)  # never shared with the model (or with whoever holds ``state``)
-    if state is not None:
-        teacher.load_state_dict(state)
-    for p in teacher.parameters():
-        p.grad = None
-        p.requires_grad_(False)
-    return teacher.eval()
 
 
 class Distill(Plugin):

@@ -1,13 +1,13 @@
 """Forward transfer (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning", Sec. 4)."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from streamcl import Plugin, hookimpl
 from streamcl.metrics import recording
+from streamcl.parts import frozen
 
 
 def forward_transfer(R: list[list[float | None]], b: dict[int, float], learned: dict[int, int]) -> float | None:
@@ -20,16 +20,6 @@ def forward_transfer(R: list[list[float | None]], b: dict[int, float], learned: 
         if cell is not None and not math.isnan(cell) and b.get(j) is not None:
             terms.append(cell - b[j])
     return sum(terms) / len(terms) if terms else None
-
-
-def frozen(model: torch.nn.Module, state: dict | None = None) -> torch.nn.Module:
-    """A deep copy of ``model`` (loaded with ``state`` if given), in evaluation mode, taking no gradient."""
-    out = copy.deepcopy(model)
-    if state is not None:
-        out.load_state_dict(state)
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out.eval()
 
 
 class ForwardTransfer(Plugin):

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from streamcl import Batch, ConfigError, Plugin, distributed as dist, hookimpl
 from streamcl.models.generators import conv_vae, mlp_vae
 from streamcl.plugins.cosine_head import first_sample
-from streamcl.plugins.distill import frozen
+from streamcl.parts import frozen
 
 GENERATORS = {"mlp": mlp_vae, "conv": conv_vae}
 RATIOS = ("classes", "experiences")

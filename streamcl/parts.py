@@ -15,6 +15,8 @@ for the duration of one call: no ``return_features`` argument is needed, and cop
 """
 from __future__ import annotations
 
+import copy
+
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -138,3 +140,17 @@ def model_as(strategy, kind: type, who: str, what: str) -> nn.Module:
         from streamcl.errors import ConfigError
         raise ConfigError(f"{who}: strategy.model is no longer {what}; list {who} after plugins that replace the model")
     return strategy.model
+
+
+def frozen(model: torch.nn.Module | None, state: dict | None = None) -> torch.nn.Module | None:
+    """A deep copy of ``model`` (loaded with ``state`` if given) in evaluation mode, taking no gradient: a teacher,
+    a solver, the model at initialisation."""
+    if model is None:
+        return None
+    teacher = copy.deepcopy(model)  # never shared with the model (or with whoever holds ``state``)
+    if state is not None:
+        teacher.load_state_dict(state)
+    for p in teacher.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return teacher.eval()
