@@ -87,5 +87,5 @@ def test_streamcl_run_under_torchrun_on_sfm5(tmp_path):
     assert (a - b).abs().max() <= TOLERANCE and abs(one["final_accuracy"] - two["final_accuracy"]) <= 0.02
     assert 0.15 < two["final_accuracy"] < 0.25
     written = sorted(p.name for p in (tmp_path / "two").iterdir())
-    assert written == [".lock", "checkpoints", "results.json", "tensorboard"]  # .lock: runner.lock_out
+    assert written == [".lock", "checkpoints", "results.json", "scalars.csv", "tensorboard"]  # .lock: runner.lock_out
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1
