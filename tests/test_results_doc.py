@@ -32,9 +32,6 @@ def test_add_rows_replaces_a_methods_row_also_when_it_ends_the_table():
 
 # ----------------------------------------------------------------------------- docs/results.md against its sources
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-# (protocol, method) rows whose seeds disagree with benchmarks/accuracy/'s record by more than 0.01: to be measured
-# again (python benchmarks/results.py --protocol P --methods M --add --record); the test fails once one agrees
-KNOWN_STALE = {("SFM-5", "bir"), ("SFM-5", "gnr:distill=true"), ("PFM-5-TL", "supsup"), ("PT-SFM-5", "lwf_ca")}
 
 
 def sections() -> dict[str, str]:
@@ -85,7 +82,5 @@ def test_seed_rows_agree_with_the_accuracy_records():
             finals = dict(zip(record["seeds"], record["finals"]))
             if any(abs(value - finals[seed]) > 0.01 for seed, value in seeds.items() if seed in finals):
                 disagree.add((protocol, method))
-    assert not disagree - KNOWN_STALE, f"docs/results.md rows that disagree with their accuracy record: " \
-                                       f"{sorted(disagree - KNOWN_STALE)}; measure them again"
-    assert not KNOWN_STALE - disagree, f"rows that now agree with their record: {sorted(KNOWN_STALE - disagree)}; " \
-                                       "take them out of KNOWN_STALE"
+    assert not disagree, f"docs/results.md rows that disagree with their accuracy record: {sorted(disagree)}; " \
+                         "measure them again (benchmarks/results.py --protocol P --methods M --add, one thread per run)"
