@@ -18,6 +18,16 @@ class Recipe:
     offline: bool = False
 
 
+def _icarl(memory, loss: str) -> list:
+    """iCaRL's plugins; ``loss="bce"`` the paper's sigmoid classification loss, ``"ce"`` the engine's cross-entropy."""
+    if loss not in ("bce", "ce"):
+        raise ConfigError(f"icarl loss={loss!r}: use \"bce\" (the paper's sigmoid binary cross-entropy) or \"ce\" "
+                          "(softmax cross-entropy over every output)")
+    return [build_plugin("replay", memory=memory, selection="herding"),
+            *([build_plugin("sigmoid_bce")] if loss == "bce" else []),
+            build_plugin("distill", kind="bce"), build_plugin("nme")]
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("naive", "fine-tune on each experience in turn, nothing against forgetting (lower bound)", lambda: []),
     Recipe("cumulative", "each experience trained with all earlier data (unbounded rehearsal)",
@@ -29,9 +39,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, alpha=1.0, beta=0.5: [build_plugin("dark_replay", memory=memory, alpha=alpha, beta=beta)]),
     Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
            lambda memory=500: [build_plugin("replay", memory=memory, selection="reservoir"), build_plugin("er_ace")]),
-    Recipe("icarl", "iCaRL: herding exemplars, BCE distillation, nearest-mean-of-exemplars classifier",
-           lambda memory=500: [build_plugin("replay", memory=memory, selection="herding"),
-                               build_plugin("distill", kind="bce"), build_plugin("nme")]),
+    Recipe("icarl", "iCaRL: herding exemplars, sigmoid binary cross-entropy (new classes' labels, old classes' "
+           "distillation targets), nearest-mean-of-exemplars classifier (loss=\"ce\": icarl_ce)",
+           lambda memory=500, loss="bce": _icarl(memory, loss)),
+    Recipe("icarl_ce", "iCaRL with softmax cross-entropy over every output in the place of the paper's sigmoid "
+           "classification loss (BCE distillation, herding, nearest-mean classifier kept)",
+           lambda memory=500: _icarl(memory, "ce")),
     Recipe("lwf", "learning without forgetting: distillation of the old classes' logits from the model before the experience",
            lambda weight=0.25, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",
@@ -68,9 +81,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                                                       build_plugin("lwf", weight=weight),
                                                       build_plugin("bias_correction", ratio=ratio)]),
     Recipe("lucir_bic", "hybrid: LUCIR (cosine head, less-forget, margin ranking, replay) with BiC's held-out bias correction",
-           lambda memory=500, ratio=0.1: [
-               build_plugin("replay", memory=memory), build_plugin("cosine_head"), build_plugin("less_forget"),
-               build_plugin("margin_ranking"), build_plugin("bias_correction", ratio=ratio)]),
+           lambda memory=500, ratio=0.1, freeze_old=False: [
+               build_plugin("replay", memory=memory), build_plugin("cosine_head", freeze_old=freeze_old),
+               build_plugin("less_forget"), build_plugin("margin_ranking"), build_plugin("bias_correction", ratio=ratio)]),
     Recipe("der", "dynamically expandable representation: a masked extractor per experience beside the frozen ones, "
            "pruned after it; auxiliary |new|+1-way classifier; classifier retrained on the memory",
            lambda memory=500, sparsity_weight=1.0, classifier_epochs=30, masks=True: [
@@ -81,9 +94,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            lambda memory=500, weight=1.0, **options: [build_plugin("replay", memory=memory),
                                                        build_plugin("lwf", weight=weight), build_plugin("coil", **options)]),
     Recipe("lucir", "LUCIR: cosine-normalised classifier with imprinted new-class weights, less-forget feature "
-           "distillation and margin ranking on replayed samples, beside a class-balanced replay memory",
-           lambda memory=500, lambda_base=5.0, margin=0.5, k=2: [
-               build_plugin("replay", memory=memory), build_plugin("cosine_head"),
+           "distillation and margin ranking on replayed samples, beside a class-balanced replay memory; the old "
+           "classes' head rows fixed (freeze_old=false: every row learns)",
+           lambda memory=500, lambda_base=5.0, margin=0.5, k=2, freeze_old=True: [
+               build_plugin("replay", memory=memory), build_plugin("cosine_head", freeze_old=freeze_old),
                build_plugin("less_forget", lambda_base=lambda_base), build_plugin("margin_ranking", margin=margin, k=k)]),
     Recipe("multihead", "fine-tuning with one output head per task, chosen by the sample's task label (multi-head naive)",
            lambda: [build_plugin("multi_head")]),

@@ -132,7 +132,7 @@ def identity_strategy(weight):
     model = Classifier(nn.Identity(), nn.Linear(weight.shape[1], weight.shape[0], bias=False), weight.shape[1])
     with torch.no_grad():
         model.head.weight.copy_(weight)
-    plugin = CosineHead()
+    plugin = CosineHead(freeze_old=False)  # imprinting alone: the fixed old rows are tested at the end
     s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plugins=[plugin], seed=0)
     plugin.adapt_model(strategy=s, model=s.model, experience=SimpleNamespace(
         dataset=TensorData(torch.zeros(1, weight.shape[1]), torch.zeros(1)), classes=[0]))
@@ -238,3 +238,30 @@ def test_state_round_trip():
     copy = CosineHead()
     copy.load_state_dict(plugin.state_dict())
     assert copy.classes == [0, 1] and copy.dropped_relu == "backbone.2" and copy.classes is not plugin.classes
+
+
+# ----------------------------------------------------------------------------- fixed old-class rows
+@pytest.mark.parametrize("freeze_old", [True, False])
+def test_old_class_rows_are_fixed_after_the_first_experience_only_the_new_rows_learn(freeze_old):
+    s, bench = build([Replay(memory=12), CosineHead(freeze_old=freeze_old)])
+    s.train(bench.train_stream[0])
+    first = s.model.head.weight.detach().clone()
+    s.train(bench.train_stream[1])
+    second = s.model.head.weight.detach().clone()
+    assert not torch.equal(second[2:4], first[2:4])  # the new classes' rows learn
+    assert torch.equal(second[:2], first[:2]) == freeze_old  # the old ones are fixed (LUCIR's authors' code)
+    assert s.model.head.frozen.tolist() == [freeze_old] * 2 + [False] * 4
+    s.train(bench.train_stream[2])
+    third = s.model.head.weight.detach()
+    assert torch.equal(third[:4], second[:4]) == freeze_old and not torch.equal(third[4:], second[4:])
+    assert s.model.head.scale.requires_grad  # the scale still learns
+
+
+def test_frozen_rows_get_no_gradient_and_still_score():
+    head = CosineLinear(torch.tensor([[3.0, 4.0], [0.0, -2.0], [1.0, 1.0]]), scale=2.0)
+    before = head(torch.tensor([[1.0, 0.5]])).detach()
+    head.freeze(torch.tensor([0, 2]))
+    out = head(torch.tensor([[1.0, 0.5]]))
+    assert torch.equal(out.detach(), before)
+    out.sum().backward()
+    assert head.weight.grad[[0, 2]].abs().sum() == 0 and head.weight.grad[1].abs().sum() > 0
