@@ -9,8 +9,12 @@ from torch.nn import functional as F
 
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError
+from streamcl.parts import frozen
 from streamcl.scenarios import as_batch
 from streamcl.plugin import warn
+
+
+WEIGHTINGS = ("relative", "paper")
 
 
 class BiasCorrection(Plugin):
@@ -52,8 +56,31 @@ class BiasCorrection(Plugin):
     0.783 with the pairs switched off; old / new accuracy after the last experience 0.779 / 0.914
     (0.741 / 0.952 switched off). ``ratio = 0.2`` measured the same as 0.1 (seed 0: 0.808, 0.810).
 
-    Distillation (the paper's ``L_d``) is another plugin's: the ``bic`` recipe lists
-    :class:`~streamcl.plugins.distill.LwFDistill`. It needs a plugin that owns ``memory`` and keeps its
+    **Stage 1's loss** (``distill=True``; eq. 1-3): at ``before_training_exp`` of an experience that brings
+    new classes after earlier ones, the teacher is a frozen copy of the model with the pairs fitted so far
+    (the previous model and its bias layers). On every training minibatch, new samples and exemplars alike,
+    with ``s`` and ``t`` the student's and the teacher's logits of the ``n`` old classes, each with the pairs
+    applied (the student's old classes go through the same pairs; the newest pair is fitted after stage 1):
+
+        L_d = KL(softmax(t / T) || softmax(s / T)), averaged over the minibatch          (eq. 1; T = 2)
+        L   = lambda * L_d + (1 - lambda) * L_c,     lambda = n / (n + m)              (eq. 3)
+
+    with ``m`` the experience's new classes and ``L_c`` the task loss (the engine's cross-entropy on the
+    corrected logits, or the ``task_loss`` chain's result before this plugin). ``weighting="relative"``
+    (default) trains on ``L / (1 - lambda) = L_c + lambda / (1 - lambda) * L_d``: the paper's weighting
+    and minimiser, with the step of ``L_c`` kept at the optimizer's learning rate (the paper's loss scales
+    it by ``1 - lambda``, 0.2 at SFM-5's last experience: with the protocol's two epochs of SGD at 0.01 that
+    measured 0.790 on seed 0, against 0.821). ``weighting="paper"`` trains on ``L`` itself (``task_loss``
+    scales ``L_c`` by ``1 - lambda``). The weighted ``L_d`` is the term ``bic_distill``. The paper's ``L_d`` is the
+    cross-entropy ``-sum_k pi'_k log pi_k``; the KL differs from it by the teacher's entropy, a constant
+    (same gradient, 0 when the student matches). No ``T^2`` factor, as in the paper and the authors' code.
+    An experience with no new class (domain-incremental) has no ``lambda``: it trains on ``L_c`` alone. With
+    ``distill=True`` the plugin owns ``logit_distillation`` (another distiller beside it is refused).
+
+    With ``distill=False`` (the default of the plugin; the ``bic`` recipe sets it) the distillation is another
+    plugin's: ``bic:distill="lwf"`` lists :class:`~streamcl.plugins.distill.LwFDistill` (weight 1, on the
+    experience's own samples, uncorrected logits, unweighted cross-entropy), the form measured before issue 18.
+    It needs a plugin that owns ``memory`` and keeps its
     exemplars as inputs (a list without one is refused when the Strategy is built); beside a memory of
     something else (latent replay's activations) it warns and fits nothing. A memory owner that replays
     through its own loss term rather than ``replay_batch`` (dark replay) still trains on the held-out
@@ -62,11 +89,28 @@ class BiasCorrection(Plugin):
 
     needs = frozenset({"memory"})
 
-    def __init__(self, ratio: float = 0.1):
+    def __init__(self, ratio: float = 0.1, distill: bool = False, temperature: float = 2.0,
+                 weighting: str = "relative"):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ConfigError(f"bias_correction ratio={ratio!r}: the share of each old class's exemplars held out "
                               "for the correction, a number in (0, 1) (the paper: 0.1)")
-        self.ratio = float(ratio)
+        if not isinstance(distill, bool):
+            raise ConfigError(f"bias_correction distill={distill!r}: use true (BiC's stage-1 loss, eq. 1-3) or false")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ConfigError(f"bias_correction temperature={temperature!r}: it must be a finite number > 0 "
+                              "(the paper: 2)")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"bias_correction weighting={weighting!r}: use \"relative\" (L_c + lambda / (1 - lambda) "
+                              "L_d) or \"paper\" ((1 - lambda) L_c + lambda L_d)")
+        self.ratio, self.distill, self.temperature = float(ratio), distill, float(temperature)
+        self.weighting = weighting
+        if distill:  # one teacher's logits distilled once
+            self.owns = frozenset({"logit_distillation"})
+        # the previous model (with self.pairs) while an experience trains, its classes, and eq. 3's lambda = n / (n + m)
+        self.teacher: torch.nn.Module | None = None
+        self.old: list[int] = []
+        self.lam, self._old = 0.0, None
         self.pairs: list[dict] = []  # {"experience", "classes", "alpha", "beta"} of every fitted experience
         self.held: Batch | None = None  # this experience's held-out set, while it trains
         self.held_classes: tuple[list[int], list[int]] | None = None  # (old, new) classes of the held-out set
@@ -86,6 +130,9 @@ class BiasCorrection(Plugin):
         exp = strategy.experience
         seen = {c for e in strategy.trained for c in e.classes}
         new = sorted(set(exp.classes) - seen)
+        self._set_teacher(None, [], 0.0)
+        if self.distill and new and seen:
+            self._set_teacher(frozen(strategy.model), sorted(seen), len(seen) / (len(seen) + len(new)))
         memory = strategy.memory
         if not new or memory is None or len(memory) == 0:
             return
@@ -121,9 +168,39 @@ class BiasCorrection(Plugin):
     def _set_held(self, held: Batch | None, classes) -> None:
         self.held, self.held_classes, self._keys = held, classes, None
 
+    # ------------------------------------------------------------------------------ stage 1 (eq. 1-3)
+    @hookimpl
+    def loss_terms(self, strategy, batch, output) -> dict[str, Tensor] | None:
+        if self.teacher is None:
+            return None
+        raw = output.logits if output.raw is None else output.raw
+        with torch.no_grad():
+            target = strategy.forward(batch, model=self.teacher, adapt=False).raw
+        old = self._old_index(raw.device)
+        student, teacher = correct(raw, self.pairs)[:, old], correct(target, self.pairs)[:, old]
+        scale = self.lam if self.weighting == "paper" else self.lam / (1 - self.lam)
+        return {"bic_distill": scale * distillation(student, teacher, self.temperature)}
+
+    @hookimpl
+    def task_loss(self, strategy, loss, output, batch) -> Tensor | None:
+        if self.teacher is None or self.weighting != "paper":
+            return loss
+        if loss is None:
+            loss = strategy.criterion(output.logits, batch.y)
+        return (1 - self.lam) * loss
+
+    def _old_index(self, device) -> Tensor:
+        if self._old is None or self._old.device != device:
+            self._old = torch.tensor(self.old, dtype=torch.long, device=device)
+        return self._old
+
+    def _set_teacher(self, teacher, old: list[int], lam: float) -> None:
+        self.teacher, self.old, self.lam, self._old = teacher, list(old), float(lam), None
+
     # ------------------------------------------------------------------------------ stage 2
     @hookimpl
     def after_training_exp(self, strategy) -> None:
+        self._set_teacher(None, [], 0.0)
         if self.held is None:
             return
         old, new = self.held_classes
@@ -163,7 +240,9 @@ class BiasCorrection(Plugin):
     def state_dict(self) -> dict:
         return {"pairs": [dict(p, classes=list(p["classes"])) for p in self.pairs],
                 "held": None if self.held is None else Batch(*(v.clone() for v in self.held)),
-                "held_classes": None if self.held_classes is None else tuple(list(c) for c in self.held_classes)}
+                "held_classes": None if self.held_classes is None else tuple(list(c) for c in self.held_classes),
+                "teacher": self.teacher, "teacher_state": None if self.teacher is None else self.teacher.state_dict(),
+                "old": list(self.old), "lambda": self.lam}
 
     def load_state_dict(self, state: dict) -> None:
         self.pairs = [dict(p, classes=list(p["classes"])) for p in state["pairs"]]
@@ -172,6 +251,8 @@ class BiasCorrection(Plugin):
         self._set_held(None if held is None else Batch(*(v.clone() for v in held)),
                        None if classes is None else tuple(list(c) for c in classes))
         self._affine = None
+        self._set_teacher(frozen(state.get("teacher"), state.get("teacher_state")), state.get("old", []),
+                          state.get("lambda", 0.0))
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -246,6 +327,13 @@ def correct(logits: Tensor, pairs: list[dict]) -> Tensor:
         return logits
     scale, shift = affine(pairs, logits.shape[1], logits.device, logits.dtype)
     return logits * scale + shift
+
+
+def distillation(student: Tensor, teacher: Tensor, T: float) -> Tensor:
+    """Eq. 1 up to the teacher's entropy: ``KL(softmax(teacher / T) || softmax(student / T))`` averaged over the
+    rows (no ``T^2`` factor, as the paper)."""
+    log_p, log_q = F.log_softmax(student / T, dim=1), F.log_softmax(teacher / T, dim=1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
 
 
 def pair_loss(logits: Tensor, y: Tensor, old: list[int], new: list[int]):

@@ -28,6 +28,22 @@ def _icarl(memory, loss: str) -> list:
             build_plugin("distill", kind="bce"), build_plugin("nme")]
 
 
+def _distill_on(recipe: str, value) -> bool:
+    """``distill_on="all"`` (every sample of the minibatch, as the paper) -> True; ``"new"`` (the experience's
+    own samples) -> False."""
+    if value not in ("all", "new"):
+        raise ConfigError(f"{recipe} distill_on={value!r}: use \"all\" (new samples and exemplars, as the paper) or "
+                          "\"new\" (the experience's own samples only)")
+    return value == "all"
+
+
+def _bic_distill(value) -> str:
+    if value not in ("bic", "lwf"):
+        raise ConfigError(f"bic distill={value!r}: use \"bic\" (the paper's loss, eq. 1-3) or \"lwf\" (LwF's "
+                          "distillation of the experience's own samples, uncorrected logits, unweighted cross-entropy)")
+    return value
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("naive", "fine-tune on each experience in turn, nothing against forgetting (lower bound)", lambda: []),
     Recipe("cumulative", "each experience trained with all earlier data (unbounded rehearsal)",
@@ -71,15 +87,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",
            lambda per_experience=250, sample_size=256: [build_plugin("agem", per_experience=per_experience,
                                                                      sample_size=sample_size)]),
-    Recipe("wa", "weight aligning: replay + LwF distillation; after each experience the new classes' head rows are "
-           "rescaled to the old classes' mean norm (head weights clipped to >= 0)",
-           lambda memory=500, weight=1.0, clip=True: [build_plugin("replay", memory=memory),
-                                                      build_plugin("lwf", weight=weight), build_plugin("wa", clip=clip)]),
-    Recipe("bic", "bias correction: replay + LwF distillation; a class-balanced held-out set fits (alpha, beta) on the "
-           "newest classes' logits after each experience",
-           lambda memory=500, weight=1.0, ratio=0.1: [build_plugin("replay", memory=memory),
-                                                      build_plugin("lwf", weight=weight),
-                                                      build_plugin("bias_correction", ratio=ratio)]),
+    Recipe("wa", "weight aligning: replay + LwF distillation of every sample (distill_on=\"new\": the experience's own "
+           "only); after each experience the new classes' head rows are rescaled to the old classes' mean norm (head "
+           "weights clipped to >= 0)",
+           lambda memory=500, weight=1.0, clip=True, distill_on="all": [
+               build_plugin("replay", memory=memory),
+               build_plugin("lwf", weight=weight, replayed=_distill_on("wa", distill_on)),
+               build_plugin("wa", clip=clip)]),
+    Recipe("bic", "bias correction: replay; BiC's loss (distillation of every sample from the bias-corrected previous "
+           "model, weighted n/(n+m) against the cross-entropy); a class-balanced held-out set fits (alpha, beta) on the "
+           "newest classes' logits after each experience (distill=\"lwf\": LwF distillation of the new samples instead)",
+           lambda memory=500, ratio=0.1, distill="bic", weighting="relative", weight=1.0: [
+               build_plugin("replay", memory=memory),
+               *([build_plugin("lwf", weight=weight)] if _bic_distill(distill) == "lwf" else []),
+               build_plugin("bias_correction", ratio=ratio, distill=distill == "bic", weighting=weighting)]),
     Recipe("lucir_bic", "hybrid: LUCIR (cosine head, less-forget, margin ranking, replay) with BiC's held-out bias correction",
            lambda memory=500, ratio=0.1, freeze_old=False: [
                build_plugin("replay", memory=memory), build_plugin("cosine_head", freeze_old=freeze_old),

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from streamcl import Batch, ConfigError, PluginError, Strategy, hookimpl
+from streamcl.methods import RECIPES
 from streamcl.models import MLP
 from streamcl.plugins.bias_correction import BiasCorrection, correct, fit_pair, is_held, row_keys
 from streamcl.plugins.distill import LwFDistill
@@ -255,3 +257,95 @@ def test_state_round_trip():
     bic.held.x.add_(1.0)
     bic.pairs[0]["alpha"] = 3.0
     assert not torch.equal(copy.held.x, bic.held.x) and copy.pairs[0]["alpha"] == 0.5  # nothing shared
+
+
+# ----------------------------------------------------------------------------- stage 1's loss (eq. 1-3)
+def hand_corrected(z, pairs):
+    z = z.clone()
+    for p in pairs:
+        z[:, p["classes"]] = p["alpha"] * z[:, p["classes"]] + p["beta"]
+    return z
+
+
+def test_the_bic_recipe_distils_with_bics_own_loss_and_distill_lwf_keeps_the_earlier_form():
+    replay, bic = RECIPES["bic"].plugins()
+    assert isinstance(bic, BiasCorrection) and bic.distill and bic.temperature == 2.0 and bic.weighting == "relative"
+    assert "logit_distillation" in bic.owns and not BiasCorrection().owns  # another distiller beside it is refused
+    old_form = RECIPES["bic"].plugins(distill="lwf")
+    assert [type(p).__name__ for p in old_form] == ["Replay", "LwFDistill", "BiasCorrection"]
+    assert not old_form[2].distill and not old_form[1].replayed and old_form[1].weight == 1.0
+    with pytest.raises(ConfigError, match="distill"):
+        RECIPES["bic"].plugins(distill="new")
+    with pytest.raises(ConfigError, match="distill"):
+        BiasCorrection(distill="yes")
+    with pytest.raises(ConfigError, match="temperature"):
+        BiasCorrection(temperature=0)
+    with pytest.raises(ConfigError, match="weighting"):
+        BiasCorrection(weighting="none")
+
+
+@pytest.mark.parametrize("weighting", ["relative", "paper"])
+def test_stage_one_loss_by_hand_on_a_minibatch_with_exemplars(weighting):
+    """Eq. 1-3: the distillation covers every row (exemplars too), the teacher's and the student's old-class logits
+    both go through the pairs fitted so far, lambda = n / (n + m) weighs it and 1 - lambda the cross-entropy.
+    LwF's form (the experience's own rows, uncorrected logits, unweighted cross-entropy) gives other values."""
+    checked = []
+
+    class Check:
+        def __init__(self, bic):
+            self.bic = bic
+
+        @hookimpl
+        def after_forward(self, strategy):
+            bic, batch, out = self.bic, strategy.batch, strategy.output
+            if bic.teacher is None or strategy.experience.index != 2 or len(batch) == strategy.n_current:
+                return
+            old, lam, T = [0, 1, 2, 3], 4 / 6, 2.0  # 4 old classes, 2 new
+            scale = lam if bic.weighting == "paper" else lam / (1 - lam)
+            with torch.no_grad():
+                z_t = bic.teacher(batch.x)
+            student = hand_corrected(out.raw.detach(), bic.pairs)[:, old] / T
+            p = torch.softmax(hand_corrected(z_t, bic.pairs)[:, old] / T, 1)
+            kl_rows = (p * (p.log() - torch.log_softmax(student, 1))).sum(1)
+            term = bic.loss_terms(strategy=strategy, batch=batch, output=out)["bic_distill"].detach()
+            assert float(term) == pytest.approx(scale * float(kl_rows.mean()), rel=1e-5, abs=1e-7)
+            assert float(term) != pytest.approx(scale * float(kl_rows[:strategy.n_current].mean()), rel=1e-3)
+            uncorrected = torch.softmax(z_t[:, old] / T, 1)
+            kl_raw = (uncorrected * (uncorrected.log() - torch.log_softmax(out.raw.detach()[:, old] / T, 1))).sum(1)
+            assert float(term) != pytest.approx(scale * float(kl_raw.mean()), rel=1e-3)
+            ce = F.cross_entropy(out.logits.detach(), batch.y)
+            if bic.weighting == "paper":  # (1 - lambda) L_c + lambda L_d
+                task = bic.task_loss(strategy=strategy, loss=None, output=out, batch=batch).detach()
+                assert float(task) == pytest.approx((1 - lam) * float(ce), rel=1e-6)
+            else:  # L_c + lambda / (1 - lambda) L_d: the task loss as it is
+                assert bic.task_loss(strategy=strategy, loss=None, output=out, batch=batch) is None
+            checked.append(len(batch) - strategy.n_current)
+
+    replay, bic = RECIPES["bic"].plugins(memory=30, weighting=weighting)
+    assert bic.weighting == weighting
+    s, bench = build([replay, bic, Check(bic)])
+    for e in bench.train_stream:
+        s.train(e)
+    assert checked and all(n > 0 for n in checked)  # minibatches with exemplars were checked
+    assert [p["experience"] for p in bic.pairs] == [1, 2] and bic.pairs[0]["alpha"] != 1.0  # a real correction
+    assert bic.teacher is None  # the teacher lives while its experience trains
+
+
+def test_stage_one_loss_is_off_in_the_first_experience_and_without_new_classes():
+    bic = BiasCorrection(distill=True)
+    s, bench = build([Replay(memory=24), bic])
+    s.experience = bench.train_stream[0]
+    bic.before_training_exp(strategy=s)
+    assert bic.teacher is None and bic.task_loss(strategy=s, loss=torch.tensor(2.0), output=None, batch=None) == 2.0
+    s.train(bench.train_stream[0])
+    s.experience = bench.train_stream[0]  # its classes again: nothing new, no lambda
+    bic.before_training_exp(strategy=s)
+    assert bic.teacher is None
+    s.experience = bench.train_stream[1]
+    bic.before_training_exp(strategy=s)
+    assert bic.teacher is not None and bic.old == [0, 1] and bic.lam == 0.5
+    copy = BiasCorrection(distill=True)
+    copy.load_state_dict(bic.state_dict())  # a resume inside the experience keeps the teacher
+    assert copy.old == [0, 1] and copy.lam == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(copy.teacher.state_dict().values(),
+                                                  bic.teacher.state_dict().values()))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from streamcl import ConfigError, PluginError, Strategy, hookimpl
+from streamcl.methods import RECIPES
 from streamcl.models import MLP
 from streamcl.models.heads import IncrementalLinear
 from streamcl.models.nets import Classifier
@@ -229,3 +230,36 @@ def test_state_round_trip():
     assert copy.gammas == plugin.gammas and copy.last == plugin.last
     copy.last["rows"].append(9)
     assert plugin.last["rows"] == [2, 3]  # not shared
+
+
+# ----------------------------------------------------------------------------- the recipe's distillation
+def test_the_wa_recipe_distils_every_row_of_a_minibatch_with_exemplars():
+    """The paper's L_KD covers new samples and exemplars: the term equals, by hand, T^2 KL over every row of the
+    minibatch (not over the experience's own rows only, the form before issue 18, kept as distill_on="new")."""
+    checked = []
+
+    class Check:
+        @hookimpl
+        def after_forward(self, strategy):
+            batch, out = strategy.batch, strategy.output
+            if lwf.teacher is None or len(batch) == strategy.n_current:
+                return
+            T = 2.0
+            with torch.no_grad():
+                z_t = lwf.teacher(batch.x)[:, [0, 1]]
+            p = torch.softmax(z_t / T, 1)
+            kl_rows = (p * (p.log() - torch.log_softmax(out.raw.detach()[:, [0, 1]] / T, 1))).sum(1) * T * T
+            term = float(lwf.loss_terms(strategy=strategy, batch=batch, output=out)["lwf"].detach())
+            assert term == pytest.approx(float(kl_rows.mean()), rel=1e-5, abs=1e-7)
+            assert term != pytest.approx(float(kl_rows[:strategy.n_current].mean()), rel=1e-3)
+            checked.append(len(batch) - strategy.n_current)
+
+    replay, lwf, wa = RECIPES["wa"].plugins(memory=20)
+    assert isinstance(lwf, LwFDistill) and lwf.replayed and lwf.weight == 1.0 and wa.clip
+    s, bench = build([replay, lwf, wa, Check()])
+    for e in bench.train_stream:
+        s.train(e)
+    assert checked and all(n > 0 for n in checked)
+    assert not RECIPES["wa"].plugins(distill_on="new")[1].replayed
+    with pytest.raises(ConfigError, match="distill_on"):
+        RECIPES["wa"].plugins(distill_on="old")
