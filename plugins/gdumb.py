@@ -41,6 +41,10 @@ class GDumb(Plugin):
     strategy's forward (``adapt_logits`` included) and task loss, in training mode. It works on any model:
     only ``state_dict`` / ``load_state_dict`` and the engine's forward are used.
 
+    At prediction (``adapt_logits`` outside training) the logits of every class with no sample in the memory
+    are set to ``-inf``: the learner classifies among the classes it holds, those it was retrained on (an
+    output of a class not yet stored, trained by no sample, would otherwise take part in the argmax).
+
     Defaults: ``epochs=128`` is the paper's MNIST setting (``--num_passes 128`` in its replicate
     script); its batch 16 and SGDR schedule (lr 0.05 to 0.0005) are replaced by the protocol's optimizer
     and batch, which keeps the five retrainings of an SFM-5 run at 5 x 512 steps (2,560 steps beside the
@@ -138,6 +142,16 @@ class GDumb(Plugin):
         finally:
             model.train(was_training)
         self.pending = False
+
+    @hookimpl
+    def adapt_logits(self, strategy, logits: Tensor) -> Tensor | None:
+        """At prediction, the logits of classes with no sample in the memory are ``-inf``."""
+        if strategy.is_training or self.memory is None or not len(self.memory):
+            return None
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        classes = self.memory.labels.unique().to(logits.device)
+        keep[classes[classes < logits.shape[1]]] = True
+        return logits.masked_fill(~keep, float("-inf"))
 
     def state_dict(self) -> dict:
         return {"memory": None if self.memory is None else self.memory.state_dict(),

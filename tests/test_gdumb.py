@@ -1,11 +1,12 @@
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from streamcl import ConfigError, Strategy, hookimpl
+from streamcl import Batch, ConfigError, Strategy, hookimpl
 from streamcl.models import MLP
 from streamcl.plugins.gdumb import GDumb, greedy_balanced
 from tests.synthetic import tiny_benchmark
@@ -193,3 +194,20 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, stop):
     assert resumed.eval(bench.test_stream) == expected
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prediction_is_among_the_classes_in_memory_only():
+    plugin = GDumb(memory=12, epochs=3)
+    s, bench = train(plugin, n_exp=3)
+    s.train(bench.train_stream[0])
+    s.eval(bench.test_stream)
+    data = bench.test_stream[2].dataset  # classes 4, 5: not in the memory yet
+    out = s.infer(Batch(data.x, data.y, data.t))
+    assert torch.isneginf(out.logits[:, 2:]).all() and torch.isfinite(out.logits[:, :2]).all()
+    assert set(out.logits.argmax(1).tolist()) <= {0, 1}
+    assert torch.isfinite(out.raw).all()  # the model's own logits are left as they are
+    s.train(bench.train_stream[1])
+    s.eval(bench.test_stream)
+    out = s.infer(Batch(data.x, data.y, data.t))
+    assert torch.isneginf(out.logits[:, 4:]).all() and torch.isfinite(out.logits[:, :4]).all()
+    assert plugin.adapt_logits(strategy=SimpleNamespace(is_training=True), logits=out.raw) is None  # training: none
