@@ -17,12 +17,17 @@ class MIR(Replay):
     """ER with maximally interfered retrieval (ER-MIR; Aljundi et al. 2019, "Online Continual Learning with
     Maximally Interfered Retrieval", eq. 1-3, Alg. 1).
 
-    The memory and its update are :class:`Replay`'s (``memory``, ``selection`` and the rest). Instead of a
-    uniform draw, each minibatch ``B`` is joined by the stored samples that a plain SGD step on ``B`` would
+    The memory and its update are :class:`Replay`'s (``memory``, ``selection`` and the rest). The paper's is a
+    reservoir updated after every minibatch (``selection="reservoir"``); the default stays
+    ``class_balanced`` (updated after each experience, so no replay in the first one): on SFM-5 (seeds 0-2)
+    the reservoir measures 0.772 / 0.759 / 0.745 (mean 0.759, below the 0.76 bar that class_balanced meets).
+    Instead of a uniform draw, each minibatch ``B`` is joined by the stored samples that a plain SGD step on ``B`` would
     interfere with most:
 
-    1. ``subsample`` candidates are drawn uniformly, without replacement, from memory (all of them when
-       the memory holds fewer);
+    1. ``subsample`` candidates are drawn uniformly, without replacement, from the stored samples of classes
+       not in the current experience (all of them when there are fewer), as the official code draws them
+       from the samples of the other tasks (``exclude_task``); when every stored sample is of a current class
+       (the first experience under a reservoir, a domain-incremental stream) from all of them;
     2. a virtual step ``theta' = theta - lr * grad_theta L(f_theta(B))`` (eq. 1; ``lr`` is each parameter's
        current learning rate in the optimizer) is taken on a functional copy of the parameters;
     3. each candidate ``x`` is scored ``s(x) = l(f_theta'(x), y) - l(f_theta(x), y)`` (eq. 2-3) and the
@@ -37,13 +42,13 @@ class MIR(Replay):
     384 candidates it is 0.758, 256 give 0.771, 192 give 0.775. The default keeps a 2:1 ratio, ``subsample``
     = 2 x ``batch_size`` = 256: the more interfered half of a uniform draw, so replay stays diverse.
 
-    Every stored sample is a candidate, those of the classes in the current minibatch and of the last
-    experience included. Retrieval is rank-consistent under torchrun: the virtual gradient is averaged
+    Retrieval is rank-consistent under torchrun: the virtual gradient is averaged
     over ranks (each holds a shard of ``B``), so every rank scores the same candidates with the same
     ``theta'`` and keeps the same ones; the engine then gives each rank its share. The virtual step and the
     scores use ``strategy.model`` in its current mode (through ``strategy.forward`` with the parameters
-    swapped by ``torch.func.functional_call``, so any model works), without ``adapt_logits``, with copies of
-    its buffers (batch-norm statistics are not moved), and ``strategy.criterion``, the plain task loss (not
+    swapped by ``torch.func.functional_call``, so any model works), with ``adapt_logits`` as the training loss
+    sees the logits (a task mask's ``-inf`` included: under task labels a sample is scored within its task),
+    with copies of its buffers (batch-norm statistics are not moved), and ``strategy.criterion``, the plain task loss (not
     ER-ACE's ``task_loss``); the real parameters, gradients and optimizer are untouched. The learning rates
     are read from ``strategy.optimizer.param_groups`` (torch's public API).
     """
@@ -63,7 +68,13 @@ class MIR(Replay):
             return None
         k = self.batch_size or strategy.batch_size
         n = self.subsample or RATIO * k
-        slots = torch.randperm(len(self.memory), generator=strategy.generator)[:n].to(self.memory.y.device)
+        slots = torch.randperm(len(self.memory), generator=strategy.generator).to(self.memory.y.device)
+        exp = strategy.experience
+        classes = torch.tensor(list(exp.classes) if exp is not None else [], dtype=torch.long, device=slots.device)
+        current = torch.isin(self.memory.y[slots], classes)  # the official code draws from the other tasks only
+        if not bool(current.all()):
+            slots = slots[~current]
+        slots = slots[:n]
         candidates = self.memory.batch(slots)
         scores = interference(strategy, batch, candidates)
         top = scores.sort(descending=True, stable=True).indices[:k]  # stable: ties broken alike on every rank
@@ -80,7 +91,7 @@ def interference(strategy, batch: Batch, candidates: Batch) -> Tensor:
     def logits(values: dict, b: Batch) -> Tensor:  # the engine's forward (task labels where the model takes them)
         def net(x, **kwargs):
             return functional_call(model, {**values, **buffers}, (x,), kwargs)
-        return strategy.forward(b, net=net, adapt=False).raw
+        return strategy.forward(b, net=net).logits
 
     with torch.enable_grad():
         leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}

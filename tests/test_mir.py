@@ -98,11 +98,38 @@ def test_beside_er_ace_the_scores_are_of_the_plain_cross_entropy():
 
     torch.manual_seed(0)
     bench = tiny_benchmark(4, 2)
-    model, plugin = nn.Linear(8, 4), MIR(memory=6, batch_size=3)
+    model, plugin = nn.Linear(8, 4), MIR(memory=6, batch_size=3, selection="class_balanced")
     s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, ERACE(), Check()],
                  batch_size=16, seed=0)
     s.train(bench.train_stream)
     assert len(checked) == 3
+
+
+def test_the_scores_see_the_logits_as_the_training_loss_does_a_task_mask_included():
+    class HideLast:  # a task mask that leaves classes 0 and 1
+        @hookimpl
+        def adapt_logits(self, strategy, logits):
+            return logits.masked_fill(torch.arange(logits.shape[1]) == 2, float("-inf"))
+
+    s = linear_strategy(lr=0.5, plugins=[HideLast()])
+    batch, cand = tiny_batches()
+    batch, cand = (Batch(b.x, b.y.clamp(max=1), b.t) for b in (batch, cand))
+    W, b = s.model.weight.detach().clone(), s.model.bias.detach().clone()
+    # the masked softmax regression is the one on rows 0 and 1 alone (row 2 gets no gradient)
+    assert torch.allclose(interference(s, batch, cand), hand_scores(W[:2], b[:2], 0.5, batch, cand), atol=1e-6)
+    assert not torch.allclose(hand_scores(W, b, 0.5, batch, cand), hand_scores(W[:2], b[:2], 0.5, batch, cand))
+
+
+def test_with_a_reservoir_replay_starts_in_the_first_experience_and_later_draws_only_old_classes():
+    spy, plugin = ReplayedLabels(), MIR(memory=12, batch_size=8, selection="reservoir")
+    s, bench = train([plugin, spy])
+    s.train(bench.train_stream[0])
+    assert len(plugin.memory) == 12 and set(plugin.memory.labels.tolist()) <= {0, 1}
+    assert sum(len(y) for y in spy.labels) > 0  # every stored sample is of a current class: drawn from all
+    spy.labels.clear()
+    s.train(bench.train_stream[1])
+    assert {2, 3} & set(plugin.memory.labels.tolist())  # the memory takes the current samples every step
+    assert set(torch.cat(spy.labels).tolist()) <= {0, 1}  # candidates of the other experiences only (exclude_task)
 
 
 def train(plugins, n_exp=3):
