@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
+from streamcl.plugin import warn
 from streamcl.errors import ConfigError, TrainingError
 from streamcl.extras import require
 from streamcl.plugins.distill import frozen
@@ -116,6 +117,10 @@ class COIL(Plugin):
         self.forward_rows = self.backward_rows = None
         self._set_teacher(None)
         new = sorted(c for c in strategy.experience.classes if c not in self.old_classes)
+        if self.old_classes and not new and not getattr(self, "_warned_no_new", False):
+            self._warned_no_new = True  # once per plugin
+            warn(f"COIL: experience {strategy.experience.index} brings no class not seen before (a domain-incremental "
+                 "stream?): there are no new class prototypes to transport to, and COIL does nothing on it")
         if not self.old_classes or not new or not self._solve(strategy, new):
             return
         head = _head(strategy)

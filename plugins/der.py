@@ -16,6 +16,7 @@ from streamcl.errors import ConfigError
 from streamcl.masks import MaskedSequential, annealed_scale, find_units
 from streamcl.models.heads import IncrementalLinear
 from streamcl.parts import model_as, replace_module
+from streamcl.plugin import warn
 
 
 def _uniform(shape: Sequence[int], fan_in: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -390,6 +391,10 @@ class DER(Plugin):
         extractor = strategy.extractor()
         if self.masks:
             self._units = find_units(extractor, type(strategy.model).__name__, "der", "use DER(masks=False)")
+        if strategy.owner("memory") is None and not self.classifier_epochs:
+            warn("der without a replay memory: nothing is rehearsed and there is no classifier stage (Sec. 3.4), so "
+                 "the old classes' head columns are pushed down by the new samples alone (the paper's DER keeps "
+                 "exemplars); list a plugin that owns 'memory' (replay) before der and set classifier_epochs")
         if self.classifier_epochs:
             owner = strategy.owner("memory")
             if owner is None:

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from streamcl import Plugin, hookimpl
+from streamcl.plugin import warn
 from streamcl.errors import ConfigError
 from streamcl.plugins.cosine_head import CosineLinear
 
@@ -25,7 +26,8 @@ class MarginRanking(Plugin):
 
     and the term, logged as ``loss/margin_ranking``, is ``weight * mean_{x old} L_mr(x)`` (eq. 9 averages
     over the old-class samples ``N_o`` of the batch; the authors' code averages over the ``|N_o| K`` pairs,
-    i.e. ``weight = 1 / K``). No old-class sample in the batch, or no new class: no term.
+    i.e. ``weight = 1 / K``). No old-class sample in the batch, or no new class: no term (an experience with no
+    new class, as in a domain-incremental stream, is warned about once).
 
     Scores: when the classifier head (``strategy.head``) is a :class:`~streamcl.plugins.cosine_head.CosineLinear`
     (:class:`~streamcl.plugins.cosine_head.CosineHead`), the cosine scores ``<w_bar_c, f_bar(x)>`` of the features
@@ -50,6 +52,15 @@ class MarginRanking(Plugin):
             raise ConfigError(f"margin_ranking weight={weight!r}: it must be a finite number >= 0")
         self.margin, self.k, self.weight = float(margin), k, float(weight)
         self.old_classes: list[int] = []  # classes of the experiences trained so far, in order of arrival
+        self._warned_no_new = False
+
+    @hookimpl
+    def before_training_exp(self, strategy) -> None:
+        exp = strategy.experience
+        if self.old_classes and all(c in self.old_classes for c in exp.classes) and not self._warned_no_new:
+            self._warned_no_new = True  # once per plugin
+            warn(f"margin_ranking: experience {exp.index} brings no class not seen before (a domain-incremental "
+                 "stream?): there are no new classes to rank the old samples' scores above, and the loss does nothing")
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:

@@ -1,6 +1,7 @@
 """COIL: Sinkhorn plan, prospective initialisation, both transport terms by hand; refusals; state."""
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -325,3 +326,16 @@ def test_state_dict_round_trip_mid_experience():
     # the copies are the plugin's own: changing the loaded state leaves the original alone
     other.backward_rows[0].add_(1.0)
     assert not torch.equal(other.backward_rows[0], coil.backward_rows[0])
+
+
+def test_an_experience_with_no_new_class_is_warned_about_once():
+    s, bench = build([Replay(memory=12), COIL()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.train(bench.train_stream[0])
+        s.train(bench.train_stream[1])  # new classes: no warning
+    with pytest.warns(RuntimeWarning, match="COIL: experience 1 brings no class not seen before"):
+        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.train(bench.train_stream[0])  # once

@@ -3,6 +3,7 @@ sparsity (eq. 8), pruning by hand, parameter counts, the classifier stage and it
 refused where the layers do not allow them, DER(masks=False) on ResNet-18 and a ViT), refusals, resume."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -404,6 +405,14 @@ def test_the_classifier_stage_is_sgd_on_the_memorys_features_at_the_temperature_
     assert torch.allclose(s.head.weight, w, atol=1e-5) and torch.allclose(s.head.bias, b, atol=1e-5)
     assert torch.equal(der.head_before_stage["weight"], start[0])
     assert torch.equal(der.head_before_stage["bias"], start[1])
+
+
+def test_without_a_memory_der_warns_that_it_rehearses_nothing_and_has_no_classifier_stage():
+    with pytest.warns(RuntimeWarning, match="der without a replay memory: nothing is rehearsed"):
+        strategy([DER()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy([Replay(memory=20), DER()])  # a memory: no warning
 
 
 def test_the_classifier_stage_needs_a_memory_listed_before_der_refused_at_construction():

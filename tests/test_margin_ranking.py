@@ -1,4 +1,5 @@
 """MarginRanking (LUCIR eq. 8-9) on hand examples; which samples and scores it uses; refusals."""
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -160,3 +161,16 @@ def test_state_round_trip():
     copy = MarginRanking()
     copy.load_state_dict(plugin.state_dict())
     assert copy.old_classes == [0, 1] and copy.old_classes is not plugin.old_classes
+
+
+def test_an_experience_with_no_new_class_is_warned_about_once():
+    s, bench = build([Replay(memory=12), MarginRanking()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.train(bench.train_stream[0])
+        s.train(bench.train_stream[1])  # new classes: no warning
+    with pytest.warns(RuntimeWarning, match="margin_ranking: experience 1 brings no class not seen before"):
+        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.train(bench.train_stream[0])  # once
