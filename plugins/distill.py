@@ -30,7 +30,9 @@ class Distill(Plugin):
       a constant, so the gradient is the same and the logged term is 0 when the student matches.
       The ``T^2`` factor (Hinton et al. 2015; not in the LwF paper, where the term is this one / T^2)
       keeps the gradient's scale independent of ``T``.
-      Defaults from the paper: ``T = 2``, ``lambda_o = 1`` (``weight``).
+      Defaults from the paper: ``T = 2``, ``lambda_o = 1`` (``weight``). Under task labels, with old tasks of
+      different classes, the softmax is taken per old task (each old task's head has its own, as in the paper)
+      and the terms are summed; without task labels one softmax over every old class.
     * ``kind="bce"`` (iCaRL; Rebuffi et al. 2017, "iCaRL: Incremental Classifier and Representation
       Learning", Alg. 3): ``-sum_{y old} [q_y log g_y + (1 - q_y) log(1 - g_y)]`` with
       ``q_y = sigmoid(z'_y / T)`` and ``g_y = sigmoid(z_y / T)``, summed over the old classes as in
@@ -65,6 +67,7 @@ class Distill(Plugin):
         self.kind, self.weight, self.temperature, self.replayed = kind, float(weight), float(temperature), replayed
         self.teacher: torch.nn.Module | None = None
         self.old_classes: list[int] = []  # classes of the experiences trained so far, in order of arrival
+        self.task_classes: dict[int, list[int]] = {}  # task label -> its classes, for experiences that have one
         self._old: Tensor | None = None  # the same, as an index tensor on the logits' device
 
     # ------------------------------------------------------------------------------ teacher
@@ -77,6 +80,9 @@ class Distill(Plugin):
     @hookimpl
     def after_training_exp(self, strategy) -> None:
         self.old_classes += [c for c in strategy.experience.classes if c not in self.old_classes]
+        if strategy.experience.task is not None:
+            group = self.task_classes.setdefault(int(strategy.experience.task), [])
+            group += [c for c in strategy.experience.classes if c not in group]
 
     # ------------------------------------------------------------------------------ loss
     @hookimpl
@@ -90,7 +96,17 @@ class Distill(Plugin):
             self._old = torch.tensor(self.old_classes, dtype=torch.long, device=logits.device)
         with torch.no_grad():
             target = strategy.forward(batch, model=self.teacher, adapt=False).raw
+        groups = self.kl_groups()
+        if groups:  # LwF under task labels: one softmax per old task's classes (eq. 2 per old task's head)
+            return {self.term: self.weight * sum(self.distillation(logits[:, g], target[:, g])
+                                                 for g in (torch.tensor(g, device=logits.device) for g in groups))}
         return {self.term: self.weight * self.distillation(logits[:, self._old], target[:, self._old])}
+
+    def kl_groups(self) -> list[list[int]]:
+        """``kind="kl"`` after two or more tasks with different classes: each old task's classes (the softmax of
+        each old task's head); else none (one softmax over every old class)."""
+        groups = {tuple(sorted(g)) for g in self.task_classes.values()} if self.kind == "kl" else set()
+        return sorted(list(g) for g in groups) if len(groups) > 1 else []
 
     def distillation(self, student: Tensor, teacher: Tensor) -> Tensor:
         """The unweighted term on old-class logits ``student`` (with gradient) and ``teacher``, shape (N, C)."""
@@ -109,10 +125,12 @@ class Distill(Plugin):
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"old_classes": list(self.old_classes), "teacher": self.teacher,
+                "task_classes": {k: list(v) for k, v in self.task_classes.items()},
                 "teacher_state": None if self.teacher is None else self.teacher.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
+        self.task_classes = {int(k): list(v) for k, v in state.get("task_classes", {}).items()}
         self._set_teacher(frozen(state["teacher"], state["teacher_state"]))
 
 

@@ -37,9 +37,11 @@ class EWC(Plugin):
     With SGD, each parameter's total coefficient is capped at half the stability limit
     (:class:`streamcl.penalty.Anchors`), with a warning, so that no ``lambda_`` makes a run diverge.
 
-    Our Fisher is the mean of per-sample squared gradients, as the paper defines it; implementations
-    that square minibatch-mean gradients (Avalanche) get values about batch-size times smaller and need
-    a larger lambda. The papers give no lambda for this protocol; ``lambda_ = 20`` by default, measured
+    Our Fisher is the empirical Fisher: the mean of per-sample squared gradients of the log-likelihood of
+    the true labels. The paper's Fisher information takes the expectation over the model's own predictive
+    distribution (``y ~ p(y | x)``), not the labels; the empirical form is the common approximation (the
+    two agree where the model fits the data). Implementations that square minibatch-mean gradients
+    (Avalanche) get values about batch-size times smaller and need a larger lambda. The papers give no lambda for this protocol; ``lambda_ = 20`` by default, measured
     (seeds 0-2) on PFM-5, where EWC peaks (lambda 3, 10, 20, 50, 100: 0.756, 0.770, 0.773, 0.765,
     0.755; naive 0.727). Task-incremental learning wants a far stronger pull (SFM-5-TIL: lambda 20
     0.943, 1000 0.986), and online EWC a stronger one than EWC (PFM-5: lambda 30, 50, 70, 100: 0.782,

@@ -11,7 +11,7 @@ from streamcl.models import MLP
 from streamcl.plugins.distill import Distill, LwFDistill
 from streamcl.plugins.replay import Replay
 from tests.reliability import Crash, crash_at_step
-from tests.synthetic import tiny_benchmark
+from tests.synthetic import task_benchmark, tiny_benchmark
 
 
 class Fixed(nn.Module):
@@ -61,6 +61,41 @@ def test_kl_term_by_hand_on_old_classes_only():
     assert kl == pytest.approx(math.tanh(0.25) * 0.5, rel=1e-9)  # (a - b) * log(a / b)
     terms["lwf"].backward()
     assert z.grad[0, 2] == 0  # no gradient to the new class
+
+
+def test_under_task_labels_one_softmax_per_old_task():
+    # old tasks 0 (classes 0, 1) and 1 (classes 2, 3); column 4 is the current task's
+    teacher, student = [[0.0, 1.0, 2.0, -1.0, 9.0]], [[1.0, 0.0, 0.0, 0.5, -9.0]]
+    plugin = with_teacher(LwFDistill(), teacher, [0, 1, 2, 3])
+    plugin.task_classes = {0: [0, 1], 1: [2, 3]}
+    terms, _ = term(plugin, student)
+
+    def kl(q_logits, p_logits, T=2.0):
+        q = torch.softmax(torch.tensor(q_logits) / T, 0)
+        p = torch.softmax(torch.tensor(p_logits) / T, 0)
+        return float((q * (q / p).log()).sum()) * T * T
+
+    per_task = kl([0.0, 1.0], [1.0, 0.0]) + kl([2.0, -1.0], [0.0, 0.5])
+    assert terms["lwf"].item() == pytest.approx(0.25 * per_task, rel=1e-6)
+    joint = kl([0.0, 1.0, 2.0, -1.0], [1.0, 0.0, 0.0, 0.5])
+    assert terms["lwf"].item() != pytest.approx(0.25 * joint, rel=1e-3)  # not one softmax over all old classes
+    plugin.task_classes = {}  # no task labels: the one softmax over every old class
+    assert term(plugin, student)[0]["lwf"].item() == pytest.approx(0.25 * joint, rel=1e-6)
+
+
+def test_a_task_incremental_run_groups_the_old_classes_by_task_and_keeps_them_in_its_state():
+    torch.manual_seed(0)
+    bench = task_benchmark(3)
+    model = MLP(8, [16], 6)
+    plugin = LwFDistill()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin], batch_size=16, seed=0)
+    for exp in bench.train_stream:
+        s.train(exp)
+    assert plugin.task_classes == {0: [0, 1], 1: [2, 3], 2: [4, 5]} and plugin.kl_groups() == [[0, 1], [2, 3], [4, 5]]
+    copy = LwFDistill()
+    copy.load_state_dict(plugin.state_dict())
+    assert copy.task_classes == plugin.task_classes
+    assert Distill(kind="bce").kl_groups() == []  # sigmoid outputs: nothing to group
 
 
 def test_kl_term_batch_mean_weight_and_temperature():

@@ -233,3 +233,9 @@ def test_huge_lambda_stays_finite_on_a_pair_of_pfm5_experiences(online):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     accuracy = s.eval([bench.test_stream[0], bench.test_stream[1]])["accuracy"]
     assert accuracy[0] > 0.7  # the first experience is held, and nothing diverged
+
+
+def test_the_docstring_calls_the_fisher_what_it_is():
+    doc = EWC.__doc__
+    assert "as the paper defines it" not in doc  # the paper's Fisher is over the model's predictive distribution
+    assert "empirical Fisher" in doc and "true labels" in doc
