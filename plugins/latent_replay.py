@@ -24,8 +24,9 @@ class LatentReplay(Plugin):
         L_latent = CE(upper(z_mem), y_mem)
 
     over ``batch_size`` latents drawn uniformly from memory (default: the strategy's batch size), logged as
-    ``loss/latent_replay``; ``upper`` is the part of the network after the cut, up to the model's raw logits
-    (no ``adapt_logits`` runs on them). This equals the paper's minibatch of new patterns concatenated with
+    ``loss/latent_replay``; ``upper`` is the part of the network after the cut, up to the model's logits, then
+    every ``adapt_logits`` with the latents' task labels, as on the minibatch (under a task mask a latent is
+    scored within its own task). This equals the paper's minibatch of new patterns concatenated with
     replayed latents at the latent layer, up to weighting, for layers that treat samples independently
     (no batch normalisation after the cut): with ``n`` new and ``m`` replayed samples the paper's loss is
     the joint mean ``(n L_new + m L_latent) / (n + m)``, here it is ``L_new + L_latent``; with ``m = n``
@@ -300,7 +301,13 @@ class LatentReplay(Plugin):
         if self.memory is None or len(self.memory) == 0:
             return None
         _, mem = self.memory.sample(self.batch_size or strategy.batch_size, strategy.generator)
-        return {"latent_replay": strategy.criterion(self.upper_logits(strategy, mem.x, mem.t), mem.y)}
+        return {"latent_replay": strategy.criterion(self.replay_logits(strategy, mem), mem.y)}
+
+    def replay_logits(self, strategy, mem: Batch) -> Tensor:
+        """:meth:`upper_logits` of the stored latents ``mem.x``, then every ``adapt_logits`` (as the training loss
+        sees the logits of the minibatch: under a task mask each latent is scored within its own task)."""
+        raw = self.upper_logits(strategy, mem.x, mem.t)
+        return strategy.forward(Batch(raw, mem.y, mem.t), net=_Given(raw)).logits
 
     # ------------------------------------------------------------------------------ memory update
     @hookimpl
@@ -365,3 +372,13 @@ class LatentReplay(Plugin):
         self.mode, self.stub_rows = state["mode"], state["stub_rows"]
         self.lower_names, self.lower_modules = list(state["lower_names"]), list(state["lower_modules"])
         self.stub = None if state["stub"] is None else (tuple(state["stub"][0]), getattr(torch, state["stub"][1]))
+
+
+class _Given:
+    """A stand-in for the model's call that answers logits already computed (``strategy.forward`` then only adapts)."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits
+
+    def __call__(self, x: Tensor, **kwargs) -> Tensor:
+        return self.logits

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamcl import Batch, ConfigError, Strategy
+from streamcl import Batch, ConfigError, Strategy, hookimpl
 from streamcl.models import MLP, Classifier
 from streamcl.plugins.latent_replay import LatentReplay
 from tests.conftest import USER_MODELS
@@ -116,6 +116,30 @@ def test_replay_term_matches_a_hand_computation():
     assert set(terms) == {"latent_replay"}
     assert torch.allclose(terms["latent_replay"], hand, atol=1e-6)
     assert torch.equal(s.generator.get_state(), twin.get_state())  # it drew from strategy.generator
+
+
+def test_replayed_latents_are_scored_with_the_adapted_logits_a_task_mask_included():
+    class HideFirst:  # a task mask that hides class 0 from every sample, once switched on
+        active = False
+
+        @hookimpl
+        def adapt_logits(self, logits):
+            return logits.masked_fill(torch.arange(logits.shape[1]) == 0, float("-inf")) if self.active else None
+
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model, plugin, hide = MLP(8, [16, 16], 4), LatentReplay(memory=12, batch_size=5), HideFirst()
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, hide], batch_size=16, seed=0)
+    for exp in bench.train_stream:
+        s.train(exp)
+    mem = plugin.memory.batch()
+    keep = mem.y != 0
+    mem = Batch(mem.x[keep], mem.y[keep], mem.t[keep])
+    raw = plugin.upper_logits(s, mem.x, mem.t)
+    assert torch.allclose(plugin.replay_logits(s, mem), raw)  # nothing adapts: the raw logits
+    hide.active = True
+    masked = plugin.replay_logits(s, mem)
+    assert torch.isneginf(masked[:, 0]).all() and torch.allclose(masked[:, 1:], raw[:, 1:])
 
 
 def test_replay_term_flows_into_the_loss_from_the_second_experience():
