@@ -119,6 +119,7 @@ class BiasCorrection(Plugin):
         self._keys: Tensor | None = None  # row keys of the held-out set (a cache)
         self._affine: tuple | None = None  # (key, scale, shift) per-column vectors of the pairs (a cache)
         self._warned = False
+        self._warned_no_new = False
 
     # ------------------------------------------------------------------------------ the held-out set
     @hookimpl
@@ -134,6 +135,10 @@ class BiasCorrection(Plugin):
         self._set_teacher(None, [], 0.0)
         if self.distill and new and seen:
             self._set_teacher(frozen(strategy.model), sorted(seen), len(seen) / (len(seen) + len(new)))
+        if seen and not new and not self._warned_no_new:
+            self._warned_no_new = True  # once per plugin
+            warn(f"bias_correction: experience {exp.index} brings no class not seen before (a domain-incremental "
+                 "stream?): there is no new class to correct a bias towards, and no bias layer is fitted")
         memory = strategy.memory
         if not new or memory is None or len(memory) == 0:
             return

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from streamcl import Plugin, hookimpl
 from streamcl.errors import ConfigError
+from streamcl.plugin import warn
 
 
 def head_rows(strategy, who: str) -> nn.Parameter:
@@ -76,6 +77,7 @@ class WA(Plugin):
         self.gammas: list[tuple[int, float]] = []  # (experience index, gamma) of every alignment
         self.last: dict | None = None  # the latest alignment: {"rows": new classes, "gamma": gamma}
         self._undone: tuple[nn.Parameter, Tensor, Tensor] | None = None  # (weight, rows, their aligned values)
+        self._warned_no_new = False
 
     @hookimpl
     def setup(self, strategy) -> None:
@@ -95,6 +97,10 @@ class WA(Plugin):
         width = weight.shape[0]
         old = sorted(c for c in seen if c < width)
         new = sorted(c for c in set(strategy.experience.classes) - seen if c < width)
+        if old and not new and not self._warned_no_new:
+            self._warned_no_new = True  # once per plugin
+            warn(f"wa: experience {strategy.experience.index} brings no class not seen before (a domain-incremental "
+                 "stream?): there are no new classes' weights to align, and nothing is rescaled")
         if not old or not new:
             return
         gamma = aligning_factor(weight, old, new)

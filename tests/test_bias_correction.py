@@ -349,3 +349,17 @@ def test_stage_one_loss_is_off_in_the_first_experience_and_without_new_classes()
     assert copy.old == [0, 1] and copy.lam == 0.5
     assert all(torch.equal(a, b) for a, b in zip(copy.teacher.state_dict().values(),
                                                   bic.teacher.state_dict().values()))
+
+
+def test_an_experience_with_no_new_class_is_warned_about_once():
+    import warnings
+    s, bench = build([Replay(memory=12), BiasCorrection()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s.train(bench.train_stream[0])
+        s.train(bench.train_stream[1])  # new classes: no warning
+    with pytest.warns(RuntimeWarning, match="bias_correction: experience 1 brings no class not seen before"):
+        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s.train(bench.train_stream[0])  # once

@@ -263,3 +263,17 @@ def test_the_wa_recipe_distils_every_row_of_a_minibatch_with_exemplars():
     assert not RECIPES["wa"].plugins(distill_on="new")[1].replayed
     with pytest.raises(ConfigError, match="distill_on"):
         RECIPES["wa"].plugins(distill_on="old")
+
+
+def test_an_experience_with_no_new_class_is_warned_about_once():
+    import warnings
+    s, bench = build([Replay(memory=12), LwFDistill(), WA()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s.train(bench.train_stream[0])
+        s.train(bench.train_stream[1])  # new classes: no warning
+    with pytest.warns(RuntimeWarning, match="wa: experience 1 brings no class not seen before"):
+        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s.train(bench.train_stream[0])  # once
