@@ -264,3 +264,20 @@ def installed_package(src, dist: str, module: str, source: str, group: str, entr
         pip("uninstall", "--quiet", "-y", dist)
         sys.modules.pop(module, None)
         clear()
+
+
+def warns_once_when_no_class_is_new(strategy, bench, match: str) -> None:
+    """Train experiences 0 and 1 (no RuntimeWarning), experience 1 again as a domain-incremental stream brings its
+    classes (one RuntimeWarning matching ``match``), then experience 0 again (none: the warning comes once)."""
+    import warnings
+
+    import pytest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        strategy.train(bench.train_stream[0])
+        strategy.train(bench.train_stream[1])
+    with pytest.warns(RuntimeWarning, match=match):
+        strategy.train(bench.train_stream[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        strategy.train(bench.train_stream[0])

@@ -12,6 +12,7 @@ from streamcl.models import MLP
 from streamcl.plugins.bias_correction import BiasCorrection, correct, fit_pair, is_held, row_keys
 from streamcl.plugins.distill import LwFDistill
 from streamcl.plugins.replay import Replay
+from tests.conftest import warns_once_when_no_class_is_new
 from tests.synthetic import tiny_benchmark
 
 PAIRS = [{"experience": 1, "classes": [2, 3], "alpha": 0.5, "beta": 0.25},
@@ -352,14 +353,5 @@ def test_stage_one_loss_is_off_in_the_first_experience_and_without_new_classes()
 
 
 def test_an_experience_with_no_new_class_is_warned_about_once():
-    import warnings
     s, bench = build([Replay(memory=12), BiasCorrection()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        s.train(bench.train_stream[0])
-        s.train(bench.train_stream[1])  # new classes: no warning
-    with pytest.warns(RuntimeWarning, match="bias_correction: experience 1 brings no class not seen before"):
-        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        s.train(bench.train_stream[0])  # once
+    warns_once_when_no_class_is_new(s, bench, "bias_correction: experience 1 brings no class not seen before")

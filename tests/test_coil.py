@@ -1,7 +1,6 @@
 """COIL: Sinkhorn plan, prospective initialisation, both transport terms by hand; refusals; state."""
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from streamcl.models.nets import Classifier
 from streamcl.plugins.coil import COIL, sinkhorn_plan, transport_kl, transport_rows, transported_logits
 from streamcl.plugins.latent_replay import LatentReplay
 from streamcl.plugins.replay import Replay
-from tests.conftest import image_benchmark, sequential
+from tests.conftest import image_benchmark, sequential, warns_once_when_no_class_is_new
 from tests.synthetic import tiny_benchmark
 from tests.test_distill import Fixed  # a teacher that answers the same logits for any input
 from tests.test_wa import RowlessHead  # a linear head without weight rows
@@ -330,12 +329,4 @@ def test_state_dict_round_trip_mid_experience():
 
 def test_an_experience_with_no_new_class_is_warned_about_once():
     s, bench = build([Replay(memory=12), COIL()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s.train(bench.train_stream[0])
-        s.train(bench.train_stream[1])  # new classes: no warning
-    with pytest.warns(RuntimeWarning, match="COIL: experience 1 brings no class not seen before"):
-        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s.train(bench.train_stream[0])  # once
+    warns_once_when_no_class_is_new(s, bench, "COIL: experience 1 brings no class not seen before")

@@ -1,5 +1,4 @@
 """MarginRanking (LUCIR eq. 8-9) on hand examples; which samples and scores it uses; refusals."""
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,7 @@ from streamcl.models import MLP
 from streamcl.plugins.cosine_head import CosineHead, CosineLinear
 from streamcl.plugins.margin_ranking import MarginRanking
 from streamcl.plugins.replay import Replay
-from tests.conftest import image_benchmark, sequential
+from tests.conftest import image_benchmark, sequential, warns_once_when_no_class_is_new
 from tests.synthetic import tiny_benchmark
 
 # old classes 0, 1; new classes 2, 3, 4
@@ -165,12 +164,4 @@ def test_state_round_trip():
 
 def test_an_experience_with_no_new_class_is_warned_about_once():
     s, bench = build([Replay(memory=12), MarginRanking()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s.train(bench.train_stream[0])
-        s.train(bench.train_stream[1])  # new classes: no warning
-    with pytest.warns(RuntimeWarning, match="margin_ranking: experience 1 brings no class not seen before"):
-        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s.train(bench.train_stream[0])  # once
+    warns_once_when_no_class_is_new(s, bench, "margin_ranking: experience 1 brings no class not seen before")

@@ -15,7 +15,7 @@ from streamcl.models.nets import Classifier
 from streamcl.plugins.distill import LwFDistill
 from streamcl.plugins.replay import Replay
 from streamcl.plugins.wa import WA, aligning_factor
-from tests.conftest import image_benchmark, sequential
+from tests.conftest import image_benchmark, sequential, warns_once_when_no_class_is_new
 from tests.synthetic import tiny_benchmark
 
 
@@ -266,14 +266,5 @@ def test_the_wa_recipe_distils_every_row_of_a_minibatch_with_exemplars():
 
 
 def test_an_experience_with_no_new_class_is_warned_about_once():
-    import warnings
     s, bench = build([Replay(memory=12), LwFDistill(), WA()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        s.train(bench.train_stream[0])
-        s.train(bench.train_stream[1])  # new classes: no warning
-    with pytest.warns(RuntimeWarning, match="wa: experience 1 brings no class not seen before"):
-        s.train(bench.train_stream[1])  # the same classes again, as a domain-incremental stream brings them
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        s.train(bench.train_stream[0])  # once
+    warns_once_when_no_class_is_new(s, bench, "wa: experience 1 brings no class not seen before")
