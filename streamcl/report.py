@@ -46,6 +46,22 @@ def _pixels(fig) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
+def _heat_axes(fig, title: str | None, xlabel: str, ylabel: str):
+    ax = fig.add_subplot()
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return ax
+
+
+def _nothing(fig, ax, text: str) -> np.ndarray:
+    """The figure with ``text`` in place of an empty heat map."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([]), ax.set_yticks([])
+    return _pixels(fig)
+
+
 def write_png(image: np.ndarray, path: str | Path) -> Path:
     """Save an H x W x 3 uint8 array as a PNG file; returns the path."""
     from matplotlib.image import imsave
@@ -66,15 +82,9 @@ def matrix_figure(R: Matrix, title: str | None = None) -> np.ndarray:
     rows, cols = len(R), len(R[0]) if R else 0
     cell = max(0.3, min(0.7, 8 / max(rows, cols, 1)))
     fig = _canvas(1.9 + cell * cols, 1.2 + cell * rows + (0.3 if title else 0))
-    ax = fig.add_subplot()
-    if title:
-        ax.set_title(title)
-    ax.set_xlabel("evaluated on experience")
-    ax.set_ylabel("trained up to experience")
+    ax = _heat_axes(fig, title, "evaluated on experience", "trained up to experience")
     if not cols:
-        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([]), ax.set_yticks([])
-        return _pixels(fig)
+        return _nothing(fig, ax, "nothing measured")
     values = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in r] for r in R], dtype=float))
     cmap = colormaps[CMAP].with_extremes(bad=GREY)
     image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
@@ -99,15 +109,9 @@ def confusion_figure(matrix: list[list[int]], classes: list[int], title: str | N
     n = len(classes)
     cell = max(0.3, min(0.6, 8 / max(n, 1)))
     fig = _canvas(2.2 + cell * n, 1.4 + cell * n + (0.3 if title else 0))
-    ax = fig.add_subplot()
-    if title:
-        ax.set_title(title)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax = _heat_axes(fig, title, "predicted class", "true class")
     if not n:
-        ax.text(0.5, 0.5, "nothing evaluated", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([]), ax.set_yticks([])
-        return _pixels(fig)
+        return _nothing(fig, ax, "nothing evaluated")
     rows = counts.sum(1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     image = ax.imshow(share, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
