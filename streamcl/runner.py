@@ -196,6 +196,18 @@ def build_plugins(cfg: dict) -> tuple[list, bool]:
     return [*plugins, *extra], offline
 
 
+def build_metric(name: str):
+    """The metric plugin ``name`` of ``[log] metrics``; a plugin that is not a metric (``metric = True``) is refused,
+    naming the metrics there are."""
+    from streamcl.registry import available_plugins
+    entries = available_plugins()
+    if name not in entries or not getattr(entries[name].load(), "metric", False):
+        metrics = sorted(n for n, e in entries.items() if e.builtin and getattr(e.load(), "metric", False))
+        raise ConfigError(f"[log] metrics names {name!r}, which is not a metric plugin; metrics: {', '.join(metrics)} "
+                          "(a method's plugins go in [[plugins]])")
+    return build_plugin(name)
+
+
 def build_loggers(cfg: dict, out: Path | None, console: bool) -> list:
     """The loggers ``[log]`` asks for (rank 0 only under torchrun): results.json, scalars.csv, TensorBoard and
     Weights & Biases under ``out``, and the console."""
@@ -256,7 +268,7 @@ def _run(cfg: dict, out: Path | None, device: torch.device, console: bool | None
     plugins, offline = build_plugins(cfg)
     if cfg["benchmark"]["scenario"] == "task" and not any("task_head" in getattr(p, "owns", ()) for p in plugins):
         plugins.insert(0, build_plugin("task_mask"))  # SFM-5-TIL: predict among the given task's classes
-    plugins += [build_plugin(name) for name in cfg["log"].get("metrics") or ()]  # metric plugins
+    plugins += [build_metric(name) for name in cfg["log"].get("metrics") or ()]
     loggers = build_loggers(cfg, out, cfg["log"]["console"] if console is None else console)
     t = cfg["train"]
     train_stream = [bench.train_stream.joined()] if offline else list(bench.train_stream)

@@ -248,3 +248,9 @@ def test_resume_removes_leftover_temporary_checkpoints(tmp_path, capsys, cfg, mo
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0  # nothing left to train
     assert not leftover.exists()
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
+
+
+@pytest.mark.parametrize("name", ["nope", "replay"])
+def test_log_metrics_takes_metric_plugins_only(tmp_path, capsys, cfg, root, name):
+    err = refused(capsys, *run_args(cfg, tmp_path / "o", root, f'log.metrics=["{name}"]'))
+    assert f"metrics names '{name}', which is not a metric plugin" in err and "train_accuracy" in err
