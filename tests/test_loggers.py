@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import struct
+import time
 import warnings
 
 import pytest
@@ -137,9 +138,9 @@ def test_a_killed_run_resumed_logs_each_value_once(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- Weights & Biases, offline
-def wandb_history(folder) -> list[dict]:
-    """The history rows of the offline W&B run under ``folder``, read from its ``.wandb`` file (a log of 32 KiB
-    blocks of records, each with a 7-byte header: CRC, length, kind; protobuf ``Record``s)."""
+def wandb_records(folder) -> list:
+    """The protobuf ``Record``s of the offline W&B run under ``folder``, read from its ``.wandb`` file (a log of
+    32 KiB blocks of records, each with a 7-byte header: CRC, length, kind)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     raw = open(glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))[0], "rb").read()
@@ -154,15 +155,25 @@ def wandb_history(folder) -> list[dict]:
             break
         part, pos = part + raw[pos + 7:pos + 7 + n], pos + 7 + n
         if kind in (1, 4):  # a whole record, or the last piece of one
-            records.append(part)
+            record = pb.Record()
+            record.ParseFromString(part)
+            records.append(record)
             part = b""
-    out = []
-    for data in records:
-        record = pb.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return out
+    return records
+
+
+def wandb_history(folder, wait: float = 120.0) -> list[dict]:
+    """The history rows of the offline W&B run under ``folder``. W&B's service process writes the file and may
+    flush its last block after ``finish()`` returns (seen under load: a file without its records), so this reads
+    until the run's exit record is there, for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = wandb_records(folder)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_holds_the_same_values_as_the_csv(tmp_path, monkeypatch):
