@@ -116,9 +116,9 @@ def test_a_grown_head_comes_back_from_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_of_a_real_run_and_resume(tmp_path):
-    """A real `streamcl run` on SFM-5 (Cumulative, 1 epoch), SIGKILLed mid-stream, resumed: same results.json numbers."""
-    cfg = tmp_path / "cumulative.toml"
-    cfg.write_text('seed = 0\n[method]\nname = "cumulative"\n[train]\nepochs = 1\ncheckpoint_every = 50\n'
+    """A real `streamcl run` on SFM-5 (Replay-500, 1 epoch), SIGKILLed mid-stream, resumed: same results.json numbers."""
+    cfg = tmp_path / "replay.toml"
+    cfg.write_text('seed = 0\n[method]\nname = "replay"\n[train]\nepochs = 1\ncheckpoint_every = 25\n'
                    '[log]\ntensorboard = false\n')
     cmd = [sys.executable, "-m", "streamcl", "run", str(cfg), "--quiet"]
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
@@ -127,7 +127,7 @@ def test_sigkill_of_a_real_run_and_resume(tmp_path):
     ckpt = out / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["counters"]["global_step"] >= 300:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["counters"]["global_step"] >= 200:
             break  # inside experience 2 or later, with a few checkpoints behind it
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -136,12 +136,12 @@ def test_sigkill_of_a_real_run_and_resume(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(ckpt, weights_only=False)["counters"]["global_step"]
-    assert killed_at < 705  # 5 experiences of ~141 steps with Cumulative: it did not finish
+    assert killed_at < 470  # 5 experiences of 94 steps: it did not finish
     subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True)
     full = json.loads((tmp_path / "full" / "results.json").read_text())
     resumed = json.loads((out / "results.json").read_text())
     assert numbers(resumed) == numbers(full)
-    assert 0.80 < full["final_accuracy"] < 0.95
+    assert 0.60 < full["final_accuracy"] < 0.95
 
 
 def test_frozen_parameters_stay_frozen_after_a_resume(tmp_path):
