@@ -19,6 +19,7 @@ Blocks without a language are text (file trees, diagrams).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
@@ -33,7 +34,7 @@ import pytest
 import torch
 
 from streamcl import cli, config, docs, registry
-from streamcl.plugin import Plugin
+from streamcl.plugin import Plugin, init_signature
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -433,6 +434,137 @@ def test_the_demo_methods_are_documented():
         f"docs/config.md's streamcl demo does not give the default --methods {' '.join(methods)}"
     words = {5: "five", 6: "six", 7: "seven", 8: "eight"}
     assert f"SFM-5 with {words.get(len(methods), len(methods))} methods" in (ROOT / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- methods.md's departures name their switch
+DEPARTURES = "Departures from the papers, measured"
+NO_SWITCH = "No switch:"  # a departure no option switches, and why
+# a switch: `Class(opt=value, ...)` (a registered plugin class) or `recipe name(opt=value, ...)` (streamcl.methods)
+SWITCH = re.compile(r"(recipe )?([A-Za-z_]\w*)\((.*)\)", re.S)
+TOML_WORDS = {"true": True, "false": False, "null": None}
+EXTRAS = {"gem": "quadprog", "coil": "ot"}  # registered plugin -> the optional package it cannot be built without
+
+
+def departure_bullets(section: str) -> list[str]:
+    """The bullets (``- **Name** ...``) of a departures section, each with its lines joined by one space."""
+    bullets: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("- "):
+            bullets.append(line[2:].strip())
+        elif bullets and line.strip() and not line.startswith("#"):
+            bullets[-1] += " " + line.strip()
+    return bullets
+
+
+def _title(bullet: str) -> str:
+    found = re.match(r"\*\*(.+?)\*\*(?!\*)", bullet)
+    return found[1] if found else bullet[:40]
+
+
+def switches(bullet: str) -> list[str]:
+    """The switches a bullet names: backticked spans that are a plugin class's call (a capitalised name) or a
+    recipe's (``recipe name(...)``)."""
+    return [span.strip() for span in re.findall(r"`([^`]+)`", bullet)
+            if (m := SWITCH.fullmatch(span.strip())) and (m[1] or m[2][0].isupper())]
+
+
+def without_switch(section: str) -> list[str]:
+    """The bullets that name neither a switch with an option nor ``No switch:``, by title."""
+    return [_title(b) for b in departure_bullets(section)
+            if NO_SWITCH not in b and not any(SWITCH.fullmatch(s)[3].strip() for s in switches(b))]
+
+
+def parse_switch(form: str) -> tuple[str, str, dict]:
+    """``("recipe" | "plugin", name, options)``; every argument must be ``option=literal`` (Python's, or TOML's
+    true / false / null)."""
+    m = SWITCH.fullmatch(form)
+    try:
+        call = ast.parse(f"_({m[3]})", mode="eval").body
+        assert isinstance(call, ast.Call) and not call.args and all(k.arg for k in call.keywords), \
+            f"`{form}`: name each option, as option=value"
+        options = {k.arg: TOML_WORDS[k.value.id] if isinstance(k.value, ast.Name) and k.value.id in TOML_WORDS
+                   else ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise AssertionError(f"`{form}`: not option=literal arguments ({err})") from None
+    return "recipe" if m[1] else "plugin", m[2], options
+
+
+def _options(factory, passes_to=()) -> set[str]:
+    """The options ``factory`` takes by name; with ``**kwargs``, also those of what it passes them to."""
+    params = init_signature(factory).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        named |= {o for target in passes_to for o in _options(target)}
+    return named
+
+
+def check_switch(form: str) -> None:
+    """A switch names a plugin class or recipe that takes its options, and the code builds it with them."""
+    from streamcl.methods import RECIPES, build_method
+
+    kind, name, options = parse_switch(form)
+    plugins = registry.entries("plugin")
+    if kind == "recipe":
+        assert name in RECIPES, f"`{form}`: there is no recipe {name}"
+        factory = RECIPES[name].plugins
+        needs = [n for n, _ in docs.recipe_plugins(name)]
+        passes_to = [plugins[n].load() for n in needs]
+    else:
+        classes = {info.target.rpartition(":")[2]: (n, info) for n, info in plugins.items()}
+        assert name in classes, f"`{form}`: no registered plugin class is named {name}"
+        needs, factory = [classes[name][0]], classes[name][1].load()
+        passes_to = [c for c in factory.__mro__[1:] if "__init__" in vars(c) and c is not object]
+    unknown = sorted(set(options) - _options(factory, passes_to))
+    assert not unknown, f"`{form}`: {name} has no option {', '.join(unknown)}"
+    for plugin in needs:
+        if plugin in EXTRAS:
+            pytest.importorskip(EXTRAS[plugin])
+    try:
+        build_method(name, **options) if kind == "recipe" else factory(**options)
+    except Exception as err:  # noqa: BLE001 - whatever the code refuses it with
+        raise AssertionError(f"`{form}`: the code refuses it: {type(err).__name__}: {err}") from None
+
+
+METHODS_DOC = (ROOT / "docs" / "methods.md").read_text()
+SWITCHES = [(_title(b), form) for b in departure_bullets(_section(METHODS_DOC, DEPARTURES)) for form in switches(b)]
+
+
+def test_every_departure_names_its_switch():
+    """Each bullet of docs/methods.md's departures names the option that switches it (`Class(option=value)`,
+    `recipe name(option=value)`) or says ``No switch:`` and why."""
+    section = _section(METHODS_DOC, DEPARTURES)
+    assert len(departure_bullets(section)) >= 40
+    missing = without_switch(section)
+    assert not missing, f"docs/methods.md's departures without a switch or `{NO_SWITCH}`: {missing}"
+
+
+@pytest.mark.parametrize("form", [form for _, form in SWITCHES], ids=[f"{t}: {f}" for t, f in SWITCHES])
+def test_a_departure_switch_is_an_option_the_code_takes(form):
+    check_switch(form)
+
+
+def test_the_departure_check_finds_a_stale_bullet():
+    section = _section("\n## Departures from the papers, measured\n\n"
+                       "- **SI** uses c = 2: c = 1 (`SI(c=1)`) gives\n  0.960.\n"
+                       "- **HAT** keeps one head (No switch: the protocol's single head is the model's).\n\n"
+                       "- **LUCIR** `recipe lucir(freeze_old=false)` and `BiasCorrection(weighting=\n  \"paper\")`.\n"
+                       "- **GNR** `GenerativeNegativeReplay(latent=4)` (an option it passes on).\n"
+                       "- **MAS** names no option: `MAS()`, `mas`, `[Replay, MAS]`.\n"
+                       "## Index\n", DEPARTURES)
+    assert [_title(b) for b in departure_bullets(section)] == ["SI", "HAT", "LUCIR", "GNR", "MAS"]
+    assert without_switch(section) == ["MAS"]
+    good = [f for b in departure_bullets(section) for f in switches(b)]
+    assert good == ["SI(c=1)", "recipe lucir(freeze_old=false)", "BiasCorrection(weighting= \"paper\")",
+                    "GenerativeNegativeReplay(latent=4)", "MAS()"]
+    for form in good:
+        check_switch(form)
+    for form, why in [("MAS(lamda_=1)", "has no option lamda_"), ("SupSup(infer=\"never\")", "refuses"),
+                      ("recipe mir(subsample=0)", "refuses"), ("recipe nothing(memory=1)", "no recipe"),
+                      ("Vanished(x=1)", "no registered plugin class"), ("SI(1)", "name each option"),
+                      ("SI(c=one)", "option=literal"), ("recipe wa(distil_on=\"new\")", "has no option distil_on"),
+                      ("GenerativeNegativeReplay(latnt=4)", "has no option latnt")]:
+        with pytest.raises(AssertionError, match=re.escape(why)):
+            check_switch(form)
 
 
 # ----------------------------------------------------------------------------- nothing points outside
