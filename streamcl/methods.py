@@ -44,6 +44,12 @@ def _bic_distill(value) -> str:
     return value
 
 
+def _bic(memory: int, ratio: float = 0.1, distill: str = "bic", weighting: str = "relative", weight: float = 1.0):
+    return [build_plugin("replay", memory=memory),
+            *([build_plugin("lwf", weight=weight)] if _bic_distill(distill) == "lwf" else []),
+            build_plugin("bias_correction", ratio=ratio, distill=distill == "bic", weighting=weighting)]
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("naive", "fine-tune on each experience in turn, nothing against forgetting (lower bound)", lambda: []),
     Recipe("cumulative", "each experience trained with all earlier data (unbounded rehearsal)",
@@ -51,6 +57,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("joint", "one offline training on the whole stream joined (upper bound)", lambda: [], offline=True),
     Recipe("replay", "experience replay: a class-balanced memory replayed beside every minibatch (ER)",
            lambda memory=500, **options: [build_plugin("replay", memory=memory, **options)]),  # any Replay argument
+    Recipe("replay_la", "experience replay on the logit-adjusted loss (the softmax offset by the log frequencies of "
+           "the trained rows, so the rare old classes are not pushed down) with 64 replayed samples a step; streamcl's "
+           "lift", lambda memory=500, batch_size=64, tau=1.0: [
+               build_plugin("replay", memory=memory, batch_size=batch_size), build_plugin("logit_adjustment", tau=tau)]),
     Recipe("derpp", "dark experience replay++: a reservoir memory of samples and logits; logit matching + replayed labels",
            lambda memory=500, alpha=1.0, beta=0.5: [build_plugin("dark_replay", memory=memory, alpha=alpha, beta=beta)]),
     Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
@@ -97,10 +107,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("bic", "bias correction: replay; BiC's loss (distillation of every sample from the bias-corrected previous "
            "model, weighted n/(n+m) against the cross-entropy); a class-balanced held-out set fits (alpha, beta) on the "
            "newest classes' logits after each experience (distill=\"lwf\": LwF distillation of the new samples instead)",
-           lambda memory=500, ratio=0.1, distill="bic", weighting="relative", weight=1.0: [
-               build_plugin("replay", memory=memory),
-               *([build_plugin("lwf", weight=weight)] if _bic_distill(distill) == "lwf" else []),
-               build_plugin("bias_correction", ratio=ratio, distill=distill == "bic", weighting=weighting)]),
+           lambda memory=500, ratio=0.1, distill="bic", weighting="relative", weight=1.0: _bic(
+               memory, ratio, distill, weighting, weight)),
+    Recipe("bic_la", "bic trained on the logit-adjusted loss (the softmax offset by the log frequencies of the "
+           "trained rows; streamcl's lift)", lambda memory=500, tau=1.0: [
+               *_bic(memory), build_plugin("logit_adjustment", tau=tau)]),
     Recipe("lucir_bic", "hybrid: LUCIR (cosine head, less-forget, margin ranking, replay) with BiC's held-out bias correction",
            lambda memory=500, ratio=0.1, freeze_old=False: [
                build_plugin("replay", memory=memory), build_plugin("cosine_head", freeze_old=freeze_old),
