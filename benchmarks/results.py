@@ -75,7 +75,13 @@ def fmt(values: list, digits: int = 3) -> str:
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+    return f"{_number(statistics.mean(values), digits)} ± {std:.{digits}f}"
+
+
+def _number(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, without the sign of a value that rounds to zero ("-0.000")."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def method_table(spec: str) -> dict:
@@ -123,7 +129,7 @@ def section(protocol: str, runs: dict[str, list[dict]], seeds: list[int]) -> lis
                 u = r["uncorrected"]
                 old_new += f" (before correction: {u['old_accuracy'][-1]:.3f} / {u['new_accuracy'][-1]:.3f}, " \
                            f"final {u['final_accuracy'][-1]:.3f})"
-            forget = "-" if r["forgetting"] is None else f"{r['forgetting']:.3f}"
+            forget = "-" if r["forgetting"] is None else _number(r["forgetting"])
             lines.append(f"| {name} | {seed} | {r['final_accuracy']:.3f} | {r['avg_incremental_accuracy']:.3f} | "
                          f"{forget} | {old_new} |")
     return lines
