@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from streamcl import Plugin, hookimpl
+from streamcl import Plugin, distributed as dist, hookimpl
 from streamcl.errors import ConfigError
 
 
@@ -18,7 +18,7 @@ class LogitAdjustment(Plugin):
         - mean_n log softmax(z_n + tau * log pi)_{y_n},
 
     ``z`` the model's logits (after ``adapt_logits``), ``pi`` the label frequencies of the training rows seen so
-    far in this experience, replayed rows included (the minibatch at hand counted too), so the old classes, rare
+    far in this experience, replayed rows included (the minibatch at hand counted too, on every process), so the old classes, rare
     beside the new ones, are not pushed down by their rarity alone. Prediction uses the plain logits.
     Classes not trained yet in the experience (``pi = 0``) take no part in the softmax, as a growing head's
     missing outputs. ``tau = 1`` is the paper's. It owns the role ``criterion``.
@@ -40,7 +40,7 @@ class LogitAdjustment(Plugin):
     def task_loss(self, strategy, output, batch) -> Tensor:
         logits = output.logits
         n = logits.shape[1]
-        seen = torch.bincount(batch.y, minlength=n)[:n].to(logits.dtype)
+        seen = dist.all_reduce(torch.bincount(batch.y, minlength=n)[:n].to(logits.dtype))  # every rank's rows
         self.counts = seen if self.counts is None or len(self.counts) != n else self.counts + seen
         return F.cross_entropy(logits + adjustment(self.counts, self.tau), batch.y)
 
