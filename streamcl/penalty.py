@@ -171,34 +171,47 @@ class Anchors:
     """An importance-weighted quadratic pull towards earlier parameter values.
 
     ``penalty(model)`` is ``sum_k sum_i c_ki (theta_i - a_ki)^2`` over the points added with
-    :meth:`add` (``c`` the weight times the importance, ``a`` the anchor values). A parameter that
-    grew since (a head with more classes) is compared on its leading rows; one that is gone, or that was
-    reshaped otherwise (units pruned by DER: a new parameter under the old name), is skipped.
+    :meth:`add` (``c`` the weight times the importance, ``a`` the anchor values). The points are kept folded:
+    that sum is one quadratic, ``A (theta - m)^2 + C`` with ``A = sum_k c_k``, ``m = sum_k c_k a_k / A`` and
+    ``C = sum_k c_k (a_k - m)^2`` (updated as a weighted variance is, for rounding), so the penalty and its
+    gradient are the same whatever the number of points, at one term's cost and memory. A parameter that grew
+    since (a head with more classes) is compared on its leading rows (a point covers the rows it had); one that is
+    gone, or that was reshaped otherwise (units pruned by DER: a new parameter under the old name), is skipped, and a
+    point of another shape replaces what was held for it.
     """
 
     def __init__(self, name: str):
         self.name = name  # the regulariser's, for messages
-        self.points: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # (coefficients, anchors)
+        self.sums: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # parameter name -> (A, m, C)
 
     def __bool__(self) -> bool:
-        return bool(self.points)
+        return bool(self.sums)
+
+    @property
+    def points(self) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        """The folded point ``[(A, m)]`` by parameter name (``[]`` before the first :meth:`add`)."""
+        if not self.sums:
+            return []
+        return [({n: a for n, (a, _, _) in self.sums.items()}, {n: m for n, (_, m, _) in self.sums.items()})]
 
     def add(self, coefficients: dict[str, Tensor], anchors: dict[str, Tensor], *, decay: float | None = None,
             model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Add a point (``decay`` given: fold the points into one, ``decay * old + new``, at ``anchors``).
+        """Add a point (``decay`` given: ``decay`` times the coefficients held plus the new ones, all at ``anchors``:
+        online EWC's running Fisher).
 
         With ``model`` and an SGD ``optimizer``, each parameter's total coefficient is capped at
         half its stability limit (see :func:`stability_limit`); a warning says how many were.
         """
-        coefficients = {n: c.detach().clone() for n, c in coefficients.items()}
-        anchors = {n: a.detach().clone() for n, a in anchors.items()}
-        if decay is not None and self.points:
-            (old, _), = self.points
-            for n, c in coefficients.items():
-                if n in old and old[n].shape == c.shape:
-                    c += decay * old[n]
-            self.points = []
-        self.points.append((coefficients, anchors))
+        if decay is not None:
+            held, self.sums = self.sums, {}
+        for n, c in coefficients.items():
+            c, a = c.detach().clone(), anchors[n].detach().clone()
+            if decay is not None:
+                if n in held and held[n][0].shape == c.shape:
+                    c += decay * held[n][0]
+                self.sums[n] = (c, a, torch.zeros_like(c))
+            else:
+                self.sums[n] = _fold(self.sums.get(n), c, a)
         if model is not None:
             self._cap(model, optimizer)
 
@@ -206,7 +219,7 @@ class Anchors:
               optimizer: torch.optim.Optimizer | None) -> None:
         """One point: ``weight * importance`` anchored at ``model``'s current parameters (those named in it)."""
         params = trainable(model)
-        self.points = []
+        self.sums = {}
         if weight > 0:
             coefficients = {n: weight * v for n, v in importance.items() if n in params}
             self.add(coefficients, {n: params[n] for n in coefficients}, model=model, optimizer=optimizer)
@@ -214,14 +227,12 @@ class Anchors:
     def _cap(self, model: nn.Module, optimizer) -> None:
         limits, capped, total = stability_limit(optimizer), 0, 0
         for n, p in model.named_parameters():
-            mine = [c for c, _ in self.points if n in c and c[n].shape == p.shape]
-            if id(p) not in limits or not mine:
+            if id(p) not in limits or n not in self.sums or self.sums[n][0].shape != p.shape:
                 continue
-            curvature = 2 * sum(c[n] for c in mine)  # of sum_k c_k (theta - a_k)^2
-            scale = (0.5 * limits[id(p)] / curvature.clamp(min=1e-30)).clamp(max=1.0)
+            a, m, c = self.sums[n]
+            scale = (0.5 * limits[id(p)] / (2 * a).clamp(min=1e-30)).clamp(max=1.0)  # curvature of A (theta - m)^2
             capped, total = capped + int((scale < 1).sum()), total + scale.numel()
-            for c in mine:
-                c[n] *= scale
+            self.sums[n] = (a * scale, m, c * scale)
         if capped:
             warn(f"{self.name}: the penalty on {capped} of {total} parameters was capped at half the SGD "
                  "stability limit (1 + momentum) / lr, so the run cannot diverge; a smaller weight avoids it",
@@ -231,22 +242,45 @@ class Anchors:
         """The penalty on ``model``'s current parameters (differentiable); 0 with no point."""
         params = dict(model.named_parameters())
         out = torch.zeros((), device=next(model.parameters()).device)
-        for coefficients, anchors in self.points:
-            for n, c in coefficients.items():
-                p = params.get(n)
-                if p is None or not p.requires_grad:
+        for n, (a, m, c) in self.sums.items():
+            p = params.get(n)
+            if p is None or not p.requires_grad:
+                continue
+            if p.shape != a.shape:
+                if not (p.dim() and p.shape[1:] == a.shape[1:] and p.shape[0] >= a.shape[0]):
                     continue
-                if p.shape != c.shape:
-                    if not (p.dim() and p.shape[1:] == c.shape[1:] and p.shape[0] >= c.shape[0]):
-                        continue
-                    p = p[: c.shape[0]]
-                out = out + (c * (p - anchors[n]).square()).sum()
+                p = p[: a.shape[0]]
+            out = out + (a * (p - m).square()).sum() + c.sum()
         return out
 
-    def state_dict(self) -> list:
-        return [({n: c.clone() for n, c in cs.items()}, {n: a.clone() for n, a in an.items()})
-                for cs, an in self.points]
+    def state_dict(self) -> dict:
+        return {"sums": {n: tuple(t.clone() for t in v) for n, v in self.sums.items()}}
 
-    def load_state_dict(self, state: list) -> None:
-        self.points = [({n: c.clone() for n, c in cs.items()}, {n: a.clone() for n, a in an.items()})
-                       for cs, an in state]
+    def load_state_dict(self, state) -> None:
+        """The state of :meth:`state_dict`, or a list of points ``(coefficients, anchors)`` (checkpoints written
+        before the points were folded), folded in order."""
+        self.sums = {}
+        if isinstance(state, dict):
+            self.sums = {n: tuple(t.clone() for t in v) for n, v in state["sums"].items()}
+            return
+        for coefficients, anchors in state:
+            self.add(coefficients, anchors)
+
+
+def _fold(held: tuple[Tensor, Tensor, Tensor] | None, c: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, m, C)`` of the points in ``held`` and the point ``(c, a)``; rows beyond a point's count with ``c = 0``."""
+    if held is None or held[0].shape[1:] != c.shape[1:] or held[0].dim() != c.dim():
+        return c, a, torch.zeros_like(c)
+    if c.dim() and held[0].shape[0] != c.shape[0]:
+        rows = max(held[0].shape[0], c.shape[0])
+        held = tuple(_padded(t, rows) for t in held)
+        c, a = _padded(c, rows), _padded(a, rows)
+    total, m, const = held
+    new_total = total + c
+    share = torch.where(new_total > 0, c / new_total.clamp(min=torch.finfo(c.dtype).tiny), torch.zeros_like(c))
+    new_m = m + share * (a - m)
+    return new_total, new_m, const + total * (m - new_m).square() + c * (a - new_m).square()
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])

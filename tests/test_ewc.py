@@ -189,6 +189,43 @@ def test_bad_arguments_are_refused(kwargs):
         EWC(**kwargs)
 
 
+def test_ten_experiences_train_as_with_one_term_per_experience():
+    """The folded penalty against the form before it (one quadratic per experience, summed every step): the same
+    losses and the same model after a 10-experience stream, and the plugin's state does not grow with it."""
+    from streamcl.scenarios import class_incremental
+    from tests.test_penalty import explicit
+
+    class PerExperience(EWC):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.kept, add = [], self.anchors.add
+            self.anchors.add = lambda c, a, **kw: (self.kept.append(({n: t.clone() for n, t in c.items()},
+                                                                     {n: t.clone() for n, t in a.items()})),
+                                                   add(c, a, **kw))
+
+        def penalty(self, model):
+            return explicit(self.kept, model)
+
+    runs = []
+    for plugin in (EWC(lambda_=5.0), PerExperience(lambda_=5.0)):
+        torch.manual_seed(0)
+        model = MLP(20, [16], 20)
+        s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), plugins=[plugin],
+                     batch_size=16, epochs=1, seed=0)
+        losses = []  # the EWC term of each experience's last step
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no coefficient capped: both forms are the plain sum
+            for exp in class_incremental(blobs(n_classes=20, dim=20), blobs(5, 20, dim=20, seed=1), 10).train_stream:
+                s.train(exp)
+                losses.append(float(s.loss_terms.get("ewc", torch.zeros(())).detach()))
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], plugin))
+    (folded, w_folded, plugin), (reference, w_reference, _) = runs
+    assert len(runs[1][2].kept) == 10 and len(plugin.anchors.points) == 1
+    assert folded == pytest.approx(reference, rel=1e-5) and max(folded) > 0
+    for a, b in zip(w_folded, w_reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_defaults_and_state_round_trip():
     ewc = EWC()
     assert (ewc.lambda_, ewc.online, ewc.gamma, ewc.fisher_samples) == (20.0, False, 1.0, None)
@@ -197,7 +234,7 @@ def test_defaults_and_state_round_trip():
     state = ewc.state_dict()
     other = EWC()
     other.load_state_dict(state)
-    state["anchors"][0][0]["weight"].zero_()  # the copy is its own
+    state["anchors"]["sums"]["weight"][0].zero_()  # the copy is its own
     s.model.weight.data += 0.5
     assert other.penalty(s.model).item() == pytest.approx(ewc.penalty(s.model).item()) and other.penalty(s.model) > 0
 

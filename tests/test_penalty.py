@@ -174,3 +174,40 @@ def test_a_layer_that_mixes_samples_takes_the_per_sample_way():
     slow = slow_means(s, TensorData(x, y), score, "square")
     for name in fast:
         assert torch.allclose(fast[name], slow[name], rtol=1e-5, atol=1e-8), name
+
+
+# ----------------------------------------------------------------------------- the points folded: constant cost
+def explicit(points, model) -> torch.Tensor:
+    """``sum_k sum_i c_ki (theta_i - a_ki)^2`` point by point, each on the leading rows it covers."""
+    params = dict(model.named_parameters())
+    return sum((c * ((params[n][: c.shape[0]] if c.dim() else params[n]) - an[n]).square()).sum()
+               for cs, an in points for n, c in cs.items())
+
+
+def test_ten_folded_points_give_the_explicit_sum_and_its_gradient():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(6, 3, generator=g))
+    model.s = nn.Parameter(torch.randn((), generator=g))
+    anchors, points = Anchors("test"), []
+    for k in range(10):  # the head grows: rows 0-1 anchored first, up to 6 rows later
+        rows = min(6, 2 + k // 2)
+        point = ({"w": torch.rand(rows, 3, generator=g) * 10, "s": torch.rand((), generator=g)},
+                 {"w": torch.randn(rows, 3, generator=g), "s": torch.randn((), generator=g)})
+        points.append(point)
+        anchors.add(*point)
+    assert len(anchors.points) == 1 and len(anchors.sums) == 2  # one quadratic per parameter, whatever k
+    folded, by_hand = anchors.penalty(model), explicit(points, model)
+    assert folded.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    grad_folded = torch.autograd.grad(folded, [model.w, model.s])
+    grad_hand = torch.autograd.grad(by_hand, [model.w, model.s])
+    for a, b in zip(grad_folded, grad_hand):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_holding_the_points_one_by_one_is_folded_on_load():
+    model = nn.Linear(2, 3)
+    points = [({"weight": torch.full((3, 2), 1.0 + k)}, {"weight": torch.full((3, 2), float(k))}) for k in range(3)]
+    anchors = Anchors("test")
+    anchors.load_state_dict(points)  # the state before the points were folded
+    assert anchors.penalty(model).item() == pytest.approx(explicit(points, model).item(), rel=1e-6)
