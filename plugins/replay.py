@@ -21,7 +21,8 @@ class Replay(Plugin):
     class, or as many as fit in ``memory_bytes``) and is updated after each experience:
 
     * ``class_balanced`` (default): the total split evenly over the classes seen (those with samples), random
-      samples (a class that recurs, as in domain-incremental streams, split again evenly over its experiences);
+      samples (a class that recurs, as in domain-incremental streams, split again evenly over its experiences, and
+      once there are more of them than its quota, from as many of them spread evenly over the stream);
       a memory smaller than the stream's classes is refused before the first experience trains;
     * ``herding``: the same split, samples picked by herding on the model's features (iCaRL, Alg. 4;
       ``strategy.embed``, the input of the classifier head: a model without a linear head is refused
@@ -137,7 +138,7 @@ class Replay(Plugin):
         """Keep each class's quota: stored order for classes not in the experience, else a fresh pick.
 
         A class seen in earlier experiences too (domain-incremental streams) splits its quota
-        evenly over the experiences it came in, keeping the stored samples of the earlier ones.
+        over the experiences it came in (:meth:`_shares`), keeping the stored samples of the earlier ones.
         """
         quotas, newest = self.budget.quotas(self.classes), self.experiences - 1
         keep = [balanced(pool.y[:n_stored], {c: q for c, q in quotas.items() if c not in new_classes})]
@@ -145,7 +146,7 @@ class Replay(Plugin):
             if c in new_classes:
                 members = torch.nonzero(pool.y == c).flatten()
                 came = origin[members]
-                share = Budget(total=quotas[c]).quotas(sorted(set(came.tolist())))
+                share = self._shares(sorted(set(came.tolist())), quotas[c])
                 if len(share) > 1:  # earlier experiences' samples of this class, in stored order
                     keep.append(members[balanced(came, {e: q for e, q in share.items() if e != newest})])
                     members = members[came == newest]
@@ -155,6 +156,20 @@ class Replay(Plugin):
                     pick = random_pick(len(members), share[newest], strategy.generator).to(members.device)
                 keep.append(members[pick])
         return torch.cat(keep)
+
+    @staticmethod
+    def _shares(experiences: list[int], quota: int) -> dict[int, int]:
+        """A class's quota split over the experiences it came in (the newest last): evenly while each can keep a
+        sample; past that, one sample each for ``quota`` of them, thinned so they stay spread over the whole stream:
+        the newest enters, and while too many remain, the stored one whose removal leaves the smallest gap between
+        its neighbours leaves (the first is kept)."""
+        if len(experiences) <= quota:
+            return Budget(total=quota).quotas(experiences)
+        kept = list(experiences)
+        while len(kept) > quota:
+            gaps = [kept[i + 1] - kept[i - 1] for i in range(1, len(kept) - 1)]
+            del kept[1 + gaps.index(min(gaps))]
+        return {e: int(e in kept) for e in experiences}
 
     def _by_experience(self, origin: Tensor, n_stored: int, generator) -> Tensor:
         quotas = Budget(total=self.memory.capacity).quotas(list(range(self.experiences)))

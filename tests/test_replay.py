@@ -54,6 +54,33 @@ def test_a_recurring_class_splits_its_quota_over_its_experiences():
     assert set(plugin.memory.inputs()[origin < 2][:, 0].tolist()) <= set(kept.tolist())  # stored ones kept
 
 
+def test_on_a_long_domain_stream_the_memory_keeps_samples_from_every_tenth_of_it():
+    """100 experiences of the same 2 classes, 40 slots (20 per class): past 20 experiences a class keeps one sample
+    from each of 20 experiences spread over the stream, not from its first 20 (which the even split gave)."""
+    from streamcl.scenarios import domain_incremental
+    from tests.synthetic import blobs
+    torch.manual_seed(0)
+    bench = domain_incremental(blobs(4, 2), blobs(2, 2, seed=1), 100, transform=lambda k, x: x + k, split=False)
+    plugin = Replay(memory=40)
+    model = MLP(8, [16], 2)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=[plugin], batch_size=8, seed=0)
+    for exp in bench.train_stream:
+        s.train(exp)
+    origin, labels = plugin.memory.extras["experience"][:40], plugin.memory.labels
+    assert len(plugin.memory) == 40 and torch.bincount(labels).tolist() == [20, 20]
+    for c in (0, 1):
+        mine = origin[labels == c]
+        assert len(set(mine.tolist())) == 20  # one sample from each of 20 experiences
+        assert set((mine // 10).tolist()) == set(range(10)) and 99 in mine  # every tenth of the stream
+        assert (mine.sort().values.diff() <= 10).all()  # no gap wider than a tenth
+
+
+def test_the_thinning_keeps_the_first_and_the_newest_and_closes_the_smallest_gap():
+    assert Replay._shares([0, 1, 2], 6) == {0: 2, 1: 2, 2: 2}  # room for all: an even split
+    assert Replay._shares([0, 1, 2, 3], 3) == {0: 1, 1: 0, 2: 1, 3: 1}  # gaps 2, 2: the first such goes
+    assert Replay._shares([0, 2, 4, 5, 9], 3) == {0: 1, 2: 0, 4: 0, 5: 1, 9: 1}  # 4 (gap 3), then 2 (gap 5)
+
+
 def test_herding_selection_matches_herding_on_the_features():
     from streamcl.memory import herding
 
