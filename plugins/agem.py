@@ -35,13 +35,15 @@ class AGEM(EpisodicMemory):
     ``g - (g^T g_ref / g_ref^T g_ref) g_ref`` (eq. 11), see :func:`agem_project`.
 
     Defaults are the authors' MNIST settings: 25 samples per class, i.e. 250 per 10-class task
-    (``per_experience``), and a reference sample of 256 (``EPS_MEM_BATCH_SIZE``; ``sample_size``).
+    (``per_experience``), and a reference sample of 256 (``EPS_MEM_BATCH_SIZE``; ``sample_size``). ``memory``: a
+    total over the stream instead (see :class:`~streamcl.plugins.gem.EpisodicMemory`), so the memory is bounded
+    on a long stream.
     Every rank draws the same sample from the same memory and, under torchrun, holds the same
     all-reduced ``.grad``, so every rank makes the same projection.
     """
 
-    def __init__(self, per_experience: int = 250, sample_size: int = 256):
-        super().__init__(per_experience)
+    def __init__(self, per_experience: int | None = None, sample_size: int = 256, memory: int | None = None):
+        super().__init__(250 if per_experience is None and memory is None else per_experience, memory)
         self.sample_size = check_count("sample_size", sample_size, "memory samples behind the reference gradient")
         self._pool: Batch | None = None  # every memory joined, rebuilt when one is added
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from streamcl import Batch, Plugin, hookimpl
 from streamcl.errors import ConfigError, TrainingError
 from streamcl.extras import require
-from streamcl.memory import random_pick
+from streamcl.memory import Budget, random_pick
 from streamcl.scenarios import as_batch
 
 RIDGE = 1e-3  # eps * I added to the dual QP's matrix, as in the GEM authors' code
@@ -20,8 +20,9 @@ CHUNK = 1024  # memory samples per forward pass when a memory gradient is comput
 
 # ---------------------------------------------------------------------------------- projection maths
 def conflicts(g: Tensor, memory_grads: Tensor) -> bool:
-    """Whether ``g`` (shape ``(d,)``) has a negative dot product with a row of ``memory_grads`` (``(k, d)``)."""
-    return bool((memory_grads.double() @ g.double() < 0).any())
+    """Whether ``g`` (shape ``(d,)``) has a negative dot product with a row of ``memory_grads`` (``(k, d)``), computed in
+    their dtype (a float64 copy of a 100 x 270k matrix cost 30 times the product itself)."""
+    return bool((memory_grads @ g < 0).any())
 
 
 def gem_project(g: Tensor, memory_grads: Tensor, margin: float = 0.0, eps: float = RIDGE) -> Tensor:
@@ -34,7 +35,8 @@ def gem_project(g: Tensor, memory_grads: Tensor, margin: float = 0.0, eps: float
     substituting ``v = margin + w`` turns the problem into the dual of that projection. The margin
     therefore pulls the update towards the memory gradients; ``margin = 0`` is eq. 10's projection
     of ``g`` itself. ``eps > 0`` (needed when the ``G_k`` are linearly dependent) loosens each
-    constraint by at most ``eps * v_k``. Computed in float64; returned in ``g``'s dtype.
+    constraint by at most ``eps * v_k``. ``G G^T``, ``G g`` and ``G^T v`` are computed in ``G``'s dtype on its device
+    (torch's BLAS: numpy's fell off a threading cliff past k ~ 64), the QP in float64; returned in ``g``'s dtype.
     """
     if memory_grads.dim() != 2 or g.dim() != 1 or memory_grads.shape[1] != g.shape[0]:
         raise ValueError(f"gem_project: g must be (d,) and memory_grads (k, d); got {tuple(g.shape)} and "
@@ -43,13 +45,13 @@ def gem_project(g: Tensor, memory_grads: Tensor, margin: float = 0.0, eps: float
         raise ValueError(f"gem_project: margin={margin!r} and eps={eps!r} must be finite numbers >= 0")
     if memory_grads.shape[0] == 0 or not conflicts(g, memory_grads):
         return g
-    G = memory_grads.detach().double().cpu().numpy()
-    g64 = g.detach().double().cpu().numpy()
+    G = memory_grads.detach()
     k = G.shape[0]
-    P = G @ G.T
+    P = (G @ G.T).double().cpu().numpy()
     P = 0.5 * (P + P.T) + eps * np.eye(k)
-    v = require("quadprog", "gem", "GEM").solve_qp(P, -(G @ g64), np.eye(k), np.full(k, float(margin)))[0]
-    return torch.from_numpy(g64 + G.T @ v).to(dtype=g.dtype, device=g.device)
+    q = (G @ g.detach()).double().cpu().numpy()
+    v = require("quadprog", "gem", "GEM").solve_qp(P, -q, np.eye(k), np.full(k, float(margin)))[0]
+    return (g.detach() + torch.from_numpy(v).to(dtype=G.dtype, device=G.device) @ G).to(dtype=g.dtype)
 
 
 # ---------------------------------------------------------------------------------- gradients
@@ -111,18 +113,30 @@ def check_count(name: str, value, what: str) -> int:
 # ---------------------------------------------------------------------------------- memory
 class EpisodicMemory(Plugin):
     """``per_experience`` random samples of each trained experience (drawn with ``strategy.generator``
-    after the experience), kept on the strategy's device; the base of :class:`GEM` and ``AGEM``."""
+    after the experience), kept on the strategy's device; the base of :class:`GEM` and ``AGEM``. With ``memory``
+    (a total for the whole stream, as GEM's paper discusses) each of the t experiences seen keeps
+    ``memory // t`` (the first ``memory % t`` one more): older memories shrink to their first samples (a random
+    subset, as they were drawn at random) when an experience arrives, so the memory never grows past ``memory``."""
 
     owns = frozenset({"gradient_projection"})  # two projections of one gradient would undo each other
 
-    def __init__(self, per_experience: int):
-        self.per_experience = check_count("per_experience", per_experience, "samples kept of each experience")
+    def __init__(self, per_experience: int | None, memory: int | None = None):
+        if memory is not None and per_experience is not None:
+            raise ConfigError(f"per_experience={per_experience!r} and memory={memory!r}: give one (memory: a total "
+                              "split over the experiences seen)")
+        self.total = None if memory is None else check_count("memory", memory, "samples kept in all")
+        self.per_experience = None if memory is not None else check_count(
+            "per_experience", per_experience, "samples kept of each experience")
         self.memories: list[Batch] = []  # one per trained experience, in order
 
     @hookimpl
     def after_training_exp(self, strategy) -> None:
         data = as_batch(strategy.experience.dataset, strategy.device)
-        pick = random_pick(len(data), self.per_experience, strategy.generator).to(data.y.device)
+        quotas = [self.per_experience] * (len(self.memories) + 1) if self.total is None else \
+            Budget(total=self.total).quotas(list(range(len(self.memories) + 1))).values()
+        *older, mine = quotas
+        self.memories = [m if len(m) <= q else Batch(*(v[:q].clone() for v in m)) for m, q in zip(self.memories, older)]
+        pick = random_pick(len(data), mine, strategy.generator).to(data.y.device)
         self.memories.append(Batch(*(v.clone() for v in data.select(pick))))
 
     def _on_device(self, device) -> list[Batch]:
@@ -165,14 +179,15 @@ class GEM(EpisodicMemory):
     The ridge is immaterial here (PFM-5 seed 0: 0.7938 with 1e-3, 0.7932 with 1e-6).
 
     ``per_experience``: the paper keeps 256 per task on MNIST; the default 100 is the protocol's
-    GEM-100/exp (Avalanche's reference figure).
+    GEM-100/exp (Avalanche's reference figure). ``memory``: a total over the stream instead (see
+    :class:`EpisodicMemory`); the step still takes one memory gradient per experience seen.
 
     Every rank holds the same memory (same generator) and, under torchrun, the same all-reduced
     ``.grad``, so every rank makes the same projection.
     """
 
-    def __init__(self, per_experience: int = 100, margin: float = 0.05):
-        super().__init__(per_experience)
+    def __init__(self, per_experience: int | None = None, margin: float = 0.05, memory: int | None = None):
+        super().__init__(100 if per_experience is None and memory is None else per_experience, memory)
         require("quadprog", "gem", "GEM")  # refused here, not at the first violated constraint
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
             raise ConfigError(f"GEM margin={margin!r}: it must be a finite number >= 0 (the paper's gamma)")

@@ -93,10 +93,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("mas", "memory aware synapses: importance from the gradient of the output's squared L2 norm (no labels); "
            "quadratic pull", lambda lambda_=0.03: [build_plugin("mas", lambda_=lambda_)]),
     Recipe("gem", "gradient episodic memory: the gradient projected (dual QP) so that no past experience's memory loss rises",
-           lambda per_experience=100, margin=0.05: [build_plugin("gem", per_experience=per_experience, margin=margin)]),
+           lambda per_experience=None, margin=0.05, memory=None: [
+               build_plugin("gem", per_experience=per_experience, margin=margin, memory=memory)]),
     Recipe("agem", "averaged GEM: the gradient projected off a memory sample's gradient when the two conflict",
-           lambda per_experience=250, sample_size=256: [build_plugin("agem", per_experience=per_experience,
-                                                                     sample_size=sample_size)]),
+           lambda per_experience=None, sample_size=256, memory=None: [
+               build_plugin("agem", per_experience=per_experience, sample_size=sample_size, memory=memory)]),
     Recipe("wa", "weight aligning: replay + LwF distillation of every sample (distill_on=\"new\": the experience's own "
            "only); after each experience the new classes' head rows are rescaled to the old classes' mean norm (head "
            "weights clipped to >= 0)",

@@ -92,7 +92,8 @@ def test_float32_in_float32_out():
 
 
 @pytest.mark.parametrize("kwargs", [dict(per_experience=0), dict(per_experience=-1), dict(per_experience=2.5),
-                                    dict(per_experience=True), dict(per_experience=None), dict(margin=-0.1),
+                                    dict(per_experience=True), dict(per_experience=5, memory=10), dict(memory=0),
+                                    dict(margin=-0.1),
                                     dict(margin=float("nan")), dict(margin=float("inf")), dict(margin="0.5"),
                                     dict(margin=True)])
 def test_bad_settings(kwargs):
@@ -213,6 +214,25 @@ def test_one_memory_per_experience_of_its_samples():
         assert len(m) == 7 and set(m.y.tolist()) <= set(exp.classes)
         rows = {tuple(r.tolist()) for r in data.x}
         assert all(tuple(r.tolist()) in rows for r in m.x) and len({tuple(r.tolist()) for r in m.x}) == 7
+
+
+@pytest.mark.parametrize("cls", [GEM, AGEM])
+def test_a_total_memory_is_split_over_the_experiences_seen_and_older_ones_shrink_to_their_first_samples(cls):
+    plugin = cls(memory=10)
+    assert plugin.per_experience is None and cls().per_experience in (100, 250)
+    s, bench = train([plugin])
+    sizes, first = [], None
+    for exp in bench.train_stream:
+        s.train(exp)
+        sizes.append([len(m) for m in plugin.memories])
+        if first is None:
+            first = plugin.memories[0].x.clone()
+        assert torch.equal(plugin.memories[0].x, first[: len(plugin.memories[0])])  # a prefix of its first draw
+    assert sizes == [[10], [5, 5], [4, 3, 3]]
+    assert plugin.memories[0].x.untyped_storage().nbytes() == plugin.memories[0].x.nbytes  # a copy: the rest is freed
+    restored = cls(memory=10)
+    restored.load_state_dict(plugin.state_dict())
+    assert [len(m) for m in restored.memories] == [4, 3, 3]
 
 
 def test_constraints_hold_during_training():
