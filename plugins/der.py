@@ -339,6 +339,11 @@ class DER(Plugin):
     correction: ``set_correction(active=False)`` puts back the classifier of before the last stage (the runner's
     evaluation of the uncorrected model), ``active=True`` the retrained one, exactly.
 
+    Growth: each experience adds an extractor (pruned with masks), so the parameters grow with the stream as the
+    paper defines it (``params_per_experience``); a warning is given once they pass ``warn_growth`` times the first
+    experience's count. ``max_extractors`` caps them: from then on no extractor is added and the newest goes on
+    learning every later experience, without masks, pruning or auxiliary classifier (the classifier stage stays).
+
     Defaults: ``aux_weight = 1`` (the paper's lambda_a); ``s_max = 400`` (HAT's); ``sparsity_weight = 1``,
     measured (the paper's lambda_s is for ResNets): SFM-5 with Replay-500 and the classifier stage (30 epochs,
     temperature 5, as in the authors' configuration), seeds 0-2, gives 0.806 (0.805, 0.810, 0.805) with 55-66
@@ -354,7 +359,8 @@ class DER(Plugin):
     requires = frozenset({"head"})
 
     def __init__(self, aux_weight: float = 1.0, sparsity_weight: float = 1.0, s_max: float = 400.0,
-                 masks: bool = True, classifier_epochs: int = 0, classifier_temperature: float = 5.0):
+                 masks: bool = True, classifier_epochs: int = 0, classifier_temperature: float = 5.0,
+                 max_extractors: int | None = None, warn_growth: float | None = 10.0):
         for name, value in (("aux_weight", aux_weight), ("sparsity_weight", sparsity_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"der {name}={value!r}: it must be a finite number >= 0")
@@ -370,6 +376,14 @@ class DER(Plugin):
         if (isinstance(classifier_temperature, bool) or not isinstance(classifier_temperature, (int, float))
                 or not math.isfinite(classifier_temperature) or classifier_temperature <= 0):
             raise ConfigError(f"der classifier_temperature={classifier_temperature!r}: a finite number > 0")
+        if max_extractors is not None and (isinstance(max_extractors, bool) or not isinstance(max_extractors, int)
+                                           or max_extractors < 1):
+            raise ConfigError(f"der max_extractors={max_extractors!r}: a whole number >= 1, or none (no cap)")
+        if warn_growth is not None and (isinstance(warn_growth, bool) or not isinstance(warn_growth, (int, float))
+                                        or not warn_growth > 1):
+            raise ConfigError(f"der warn_growth={warn_growth!r}: a multiple > 1 of the first experience's parameter "
+                              "count, or none (no warning)")
+        self.max_extractors, self.warn_growth, self._warned = max_extractors, warn_growth, False
         self.aux_weight, self.sparsity_weight, self.s_max = float(aux_weight), float(sparsity_weight), float(s_max)
         self.masks, self.classifier_epochs = masks, classifier_epochs
         self.classifier_temperature = float(classifier_temperature)
@@ -408,6 +422,8 @@ class DER(Plugin):
     @hookimpl
     def adapt_model(self, strategy, model: nn.Module, experience) -> nn.Module:
         if isinstance(model, DERNet):
+            if self.max_extractors is not None and len(model.extractors) >= self.max_extractors:
+                return model  # capped: no new extractor; the newest goes on learning, without masks or aux
             model.expand(strategy.generator, len(experience.classes))
         else:
             model = DERNet(strategy.extractor(model), strategy.head, self._units if self.masks else None)
@@ -455,6 +471,12 @@ class DER(Plugin):
             self._learn_classifier(strategy)
         self.params_per_experience.append(sum(p.numel() for p in model.parameters()))
         self.unpruned_params_per_experience.append(model.unpruned_parameters())
+        first, now = self.params_per_experience[0], self.params_per_experience[-1]
+        if self.warn_growth is not None and not self._warned and now > self.warn_growth * first:
+            self._warned = True
+            warn(f"der: the model holds {now:,} parameters after {len(self.params_per_experience)} experiences, "
+                 f"{now / first:.1f} times the first experience's {first:,} (DER adds an extractor per experience); "
+                 "DER(max_extractors=...) caps the extractors", RuntimeWarning)
 
     def _learn_classifier(self, strategy) -> None:
         """Sec. 3.4: the head retrained on the replay memory's features, logits divided by the temperature."""
@@ -500,5 +522,7 @@ class DER(Plugin):
         self.params_per_experience = list(state["params_per_experience"])
         self.unpruned_params_per_experience = list(state["unpruned_params_per_experience"])
         self.units_per_experience = [list(u) for u in state["units_per_experience"]]
+        counts = self.params_per_experience
+        self._warned = self.warn_growth is not None and any(n > self.warn_growth * counts[0] for n in counts)
         before = state["head_before_stage"]
         self.head_before_stage = None if before is None else {k: v.clone() for k, v in before.items()}

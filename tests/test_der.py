@@ -190,6 +190,34 @@ def test_a_growing_head_grows_with_every_extractors_columns():
     assert len(res["accuracy"]) == 3
 
 
+def test_max_extractors_stops_the_growth_and_the_newest_goes_on_learning():
+    plugin = DER(max_extractors=2, sparsity_weight=0.0)  # masks and pruning, without the pressure to cut units
+    s = strategy([Replay(memory=16), plugin], n_classes=8)
+    for i, exp in enumerate(bench(4).train_stream):
+        if i == 3:
+            before = {k: v.clone() for k, v in s.model.extractors[1].state_dict().items()}
+            frozen = {k: v.clone() for k, v in s.model.extractors[0].state_dict().items()}
+        s.train(exp)
+    model = s.model
+    assert len(model.extractors) == 2 and model.aux is None and model.masked() is None
+    assert plugin.params_per_experience[2] == plugin.params_per_experience[3]  # no growth past the cap
+    assert any(not torch.equal(v, before[k]) for k, v in model.extractors[1].state_dict().items())  # it learnt
+    assert all(torch.equal(v, frozen[k]) for k, v in model.extractors[0].state_dict().items())
+
+
+def test_a_warning_once_the_parameters_pass_a_multiple_of_the_first_experiences():
+    plugin = DER(masks=False, warn_growth=2.5)
+    s = strategy([Replay(memory=16), plugin], n_classes=8)
+    with pytest.warns(RuntimeWarning, match="times the first experience's") as caught:
+        for exp in bench(4).train_stream:
+            s.train(exp)
+    assert len([w for w in caught if "max_extractors" in str(w.message)]) == 1  # once, past 2.5x: the third
+    assert plugin.params_per_experience[2] > 2.5 * plugin.params_per_experience[0]
+    for bad in ({"max_extractors": 0}, {"max_extractors": 1.5}, {"warn_growth": 1}, {"warn_growth": True}):
+        with pytest.raises(ConfigError, match="der (max_extractors|warn_growth)"):
+            DER(**bad)
+
+
 def test_the_wrapper_exposes_its_head_to_the_engine():
     s = strategy([Replay(memory=20), DER()])
     s.train(bench().train_stream[:2])
