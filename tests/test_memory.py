@@ -23,6 +23,22 @@ def test_herding_picks_by_hand():
     assert herding(f, 10).tolist() == [2, 3, 0, 1]  # never more than there are, never a repeat
 
 
+
+def test_herding_is_the_distance_rule_on_random_features_with_a_zero_row():
+    """The matrix-vector form picks what Alg. 4's distances pick, pick by pick."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 16, generator=g).relu()
+    f[7] = 0  # normalises to a zero vector: its squared norm is 0, not 1
+    phi = F.normalize(f, dim=1)
+    mu, running, picks = phi.mean(0), torch.zeros(16), []
+    for k in range(40):
+        gap = (mu - (running + phi) / (k + 1)).pow(2).sum(1)
+        gap[picks] = float("inf")
+        picks.append(int(gap.argmin()))
+        running += phi[picks[-1]]
+    assert herding(f, 40).tolist() == picks
+
 def test_reservoir_fills_then_keeps_each_item_with_equal_probability():
     g = torch.Generator().manual_seed(0)
     slots, items = reservoir(0, 5, 8, g)
