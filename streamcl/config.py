@@ -30,6 +30,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "class_order": (_INTS, None), "classes_per_exp": (_INT_OR_INTS, None), "first_exp_classes": (_INT, None),
         "class_seed": (_INT, None), "root": (_STR, None),
         "task_labels": (_BOOL, False), "train_range": (_INTS, None), "args": (_TABLE, None),
+        "online": (_TABLE, None),
     },
     "model": {"name": (_STR, "mlp"), "hidden": (_INTS, [256, 256]), "growing": (_BOOL, False),
               "pretrained": (_PATH_OR_BOOL, False), "checkpoint": (_STR, None), "args": (_TABLE, None)},
@@ -67,6 +68,9 @@ HELP: dict[str, str] = {
     "benchmark.train_range": "`[first, end]`, 0 <= first < end: only training images first .. end-1 (dataset "
                              "order) make the stream.",
     "benchmark.args": "Keyword arguments of a registered benchmark's function, checked by name.",
+    "benchmark.online": "The online setting (`streamcl.scenarios.online`): `{}` for a single pass over the stream as "
+                        "it is, `blurry` (fraction of each experience moved to the others), `boundaries = false` "
+                        "(experiences of `chunk` samples in stream order); the order drawn from the run's seed.",
     "model.name": "A model registered under `streamcl.models` (`streamcl models`), or `\"timm:<model name>\"`.",
     "model.hidden": "The MLP's hidden layer widths, each at least 1 (other models ignore it).",
     "model.growing": "The output layer starts empty and grows before each experience to the classes seen so far.",
@@ -144,6 +148,8 @@ PROTOCOLS = {
     "PFM-5-TL": {"benchmark": {"name": "permuted-fmnist", "scenario": "domain", "task_labels": True}},
     # SFM-5 with the small CNN, crop-and-flip augmentation on the device and a cosine schedule per experience
     "SFM-5-CNN": {"model": {"name": "cnn"}, "train": {"augment": "crop_flip", "schedule": "cosine"}},
+    # SFM-5 online: every training image once (one epoch), minibatches of 10, the experiences' boundaries kept
+    "OSFM-5": {"benchmark": {"online": {}}, "train": {"epochs": 1, "batch_size": 10}},
     # SFM-5 on training images 30,000-59,999, from the vision transformer pre-trained on images 0-29,999
     "PT-SFM-5": {"benchmark": {"train_range": [30000, 60000]},
                  "model": {"name": "timm:vit_tiny_patch16_224", "checkpoint": "pt-sfm-5",
@@ -210,10 +216,22 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
         _check_fmnist_benchmark(bench)
     else:
         _check_registered_benchmark(bench, given)
+    if bench.get("online") is not None:
+        _check_online(bench["online"])
     span = bench.get("train_range")
     if span is not None and not (len(span) == 2 and 0 <= span[0] < span[1]):
         raise ConfigError(f"'benchmark.train_range' = {span!r} must be [first, end] training images, 0 <= first < end")
     return cfg
+
+
+def _check_online(table: dict) -> None:
+    from streamcl.registry import check_arguments
+    from streamcl.scenarios import online
+
+    check_arguments(online, table, "benchmark.online", fixed=("benchmark", "seed"))
+    for key, kinds in (("blurry", _NUM), ("boundaries", _BOOL), ("chunk", _INT)):
+        if key in table:
+            table[key] = _check(f"benchmark.online.{key}", table[key], kinds, None)
 
 
 def _check_fmnist_benchmark(bench: dict) -> None:

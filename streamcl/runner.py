@@ -26,7 +26,7 @@ from streamcl.models import build
 from streamcl.models.backbones import load_backbone
 from streamcl.registry import available_benchmarks, build_plugin
 from streamcl.models.inputs import Standardize
-from streamcl.scenarios import Benchmark, TensorData, class_incremental, domain_incremental, hold_out
+from streamcl.scenarios import Benchmark, TensorData, class_incremental, domain_incremental, hold_out, online
 from streamcl.strategy import Strategy
 
 
@@ -136,6 +136,16 @@ def check_permuted(train, test, n: int) -> None:
 def build_benchmark(cfg: dict) -> Benchmark:
     """The stream ``[benchmark]`` names: SFM-5 / PFM-5 for "split-fmnist" / "permuted-fmnist", else the
     registered benchmark's function (``streamcl.benchmarks``) called with the keys given and ``benchmark.args``."""
+    b = cfg["benchmark"]
+    if b.get("online") is None:
+        return _offline_benchmark(cfg)
+    try:
+        return online(_offline_benchmark(cfg), **b["online"], seed=cfg["seed"])
+    except DataError as err:
+        raise ConfigError(f"benchmark.online: {err}") from None
+
+
+def _offline_benchmark(cfg: dict) -> Benchmark:
     b = cfg["benchmark"]
     if b["name"] not in config.SCENARIOS:
         builder = available_benchmarks()[b["name"]].load()

@@ -173,7 +173,8 @@ class Strategy:
         for self.epoch in range(at.epoch if at else 0, self.epochs):
             start = at.iteration if at and self.epoch == at.epoch else 0
             if not start:
-                self.order = torch.randperm(len(self.train_dataset), generator=self.generator)
+                n = len(self.train_dataset)
+                self.order = torch.arange(n) if exp.ordered else torch.randperm(n, generator=self.generator)
                 self._emit("before_training_epoch")
             batches = self.batches(self.train_dataset, self.batch_size, self.order, start,
                                    seed=(len(self.trained), self.epoch), drop_single=self._batchnorm)

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from streamcl.errors import DataError
-from streamcl.scenarios.data import TensorData, as_dataset, subset, targets_of
+from streamcl.scenarios.data import TensorData, as_dataset, join, subset, targets_of
 from streamcl.scenarios.stream import Benchmark, Experience, Stream, make_stream
 
 
@@ -160,5 +160,73 @@ def split_online(benchmark: Benchmark, experience_size: int, *, shuffle: bool = 
             out.append(Experience(len(out), part, present, exp.n_classes, exp.task, exp.origin, exp.covers))
             parents.append(exp.index)
     info = {**benchmark.info, "online": {"experience_size": experience_size, "parents": parents}}
+    return Benchmark(Stream(out, benchmark.train_stream.name), benchmark.test_stream, benchmark.n_classes,
+                     benchmark.scenario, info)
+
+
+def online(benchmark: Benchmark, *, blurry: float = 0.0, boundaries: bool = True, chunk: int | None = None,
+           seed: int = 0) -> Benchmark:
+    """The online setting: each training sample seen once, in stream order; train it with ``epochs=1`` and
+    minibatches of a few samples (``batch_size=10``; MIR, ER-ACE and DER++'s online experiments).
+
+    ``blurry`` moves that fraction of each experience's samples into the others, each to one drawn
+    uniformly, so classes leak across task ends (Bang et al. 2021, "Rainbow Memory", sec. 4.1: Blurry-M
+    with M = 100 · blurry). With ``boundaries`` the experiences are the stream's. Without, the samples
+    (each experience's shuffled, then concatenated) are cut into experiences of ``chunk`` samples trained
+    in order (``Experience.ordered``): their ends fall every ``chunk`` samples wherever the tasks change,
+    so the experience events tell plugins nothing about the tasks; each lists the classes present and
+    ``covers`` the test experiences whose samples it holds. ``chunk`` defaults to a quarter of the mean
+    experience. Draws are seeded with ``seed``; the test stream is unchanged; ``info["online"]`` records
+    the options and each new experience's sample count per stream experience."""
+    if not 0 <= blurry < 1:
+        raise DataError(f"blurry is the fraction of each experience's samples moved to the others, in [0, 1); "
+                        f"got {blurry!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise DataError(f"chunk must be a positive number of samples, got {chunk!r}")
+    if chunk is not None and boundaries:
+        raise DataError("chunk cuts a stream without boundaries (boundaries=False); with boundaries the experiences "
+                        "are the stream's")
+    exps = list(benchmark.train_stream)
+    if (blurry or not boundaries) and any(e.task is not None for e in exps):
+        raise DataError("a stream with task labels keeps its task boundaries: online(..., blurry=0, boundaries=True)")
+    if blurry and len(exps) < 2:
+        raise DataError("blurry boundaries move samples between experiences: the stream has only one")
+    gen = torch.Generator().manual_seed(seed)
+    starts = [0]
+    for e in exps:
+        starts.append(starts[-1] + len(e))
+    parts = [starts[i] + torch.randperm(len(e), generator=gen) for i, e in enumerate(exps)]
+    if blurry:
+        moving = [p[:round(len(p) * blurry)] for p in parts]
+        parts = [p[round(len(p) * blurry):] for p in parts]
+        gifts: list[list[Tensor]] = [[] for _ in exps]
+        for i, m in enumerate(moving):
+            to = torch.randint(len(exps) - 1, (len(m),), generator=gen)
+            to += (to >= i).long()  # any experience but i
+            for j in range(len(exps)):
+                gifts[j].append(m[to == j])
+        parts = [torch.cat([p, *g]) for p, g in zip(parts, gifts)]
+        parts = [p[torch.randperm(len(p), generator=gen)] for p in parts]
+    pool = join([e.dataset for e in exps])
+    parent = torch.repeat_interleave(torch.arange(len(exps)), torch.tensor([len(e) for e in exps]))
+    n_classes = exps[0].n_classes
+    if boundaries:
+        pieces, ordered = parts, False
+    else:
+        order = torch.cat(parts)
+        size = -(-len(order) // (4 * len(exps))) if chunk is None else chunk
+        pieces, ordered = list(order.split(size)), True
+    out, counts = [], []
+    for k, index in enumerate(pieces):
+        part = subset(pool, index)
+        present = tuple(sorted(set(targets_of(part).tolist())))
+        holds = torch.bincount(parent[index], minlength=len(exps))
+        covers = exps[k].covers if boundaries else tuple(j for i in holds.nonzero().flatten().tolist()
+                                                          for j in exps[i].covers)
+        task = exps[k].task if boundaries else None
+        out.append(Experience(k, part, present, n_classes, task, exps[0].origin, covers, ordered))
+        counts.append(holds.tolist())
+    info = {**benchmark.info, "online": {"blurry": blurry, "boundaries": boundaries,
+                                         "chunk": None if boundaries else size, "holds": counts}}
     return Benchmark(Stream(out, benchmark.train_stream.name), benchmark.test_stream, benchmark.n_classes,
                      benchmark.scenario, info)

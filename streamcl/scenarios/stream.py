@@ -17,7 +17,8 @@ class Experience:
 
     ``classes`` are the labels present; ``task`` is the task label (``None`` when the scenario
     gives none at test time); ``n_classes`` is the size of the whole stream's label space;
-    ``covers`` numbers the stream experiences it holds (itself, or all of them once joined).
+    ``covers`` numbers the stream experiences it holds (itself, or all of them once joined);
+    ``ordered`` trains its samples in dataset order instead of shuffled (an online stream's piece).
     """
 
     index: int
@@ -27,6 +28,7 @@ class Experience:
     task: int | None = None
     origin: str = "train"
     covers: tuple[int, ...] = ()
+    ordered: bool = False
 
     def __post_init__(self):
         self.covers = self.covers or (self.index,)
