@@ -183,7 +183,8 @@ class ExStream(Plugin):
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.n_classes = state["capacity"], state["n_classes"]
-        self.protos, self.counts, self.tasks = state["protos"], state["counts"], state["tasks"]
+        self.protos, self.counts, self.tasks = (None if state[k] is None else state[k].clone()
+                                                for k in ("protos", "counts", "tasks"))
         self._dist = None
 
 
