@@ -30,8 +30,10 @@ class MIR(Replay):
        (the first experience under a reservoir, a domain-incremental stream) from all of them;
     2. a virtual step ``theta' = theta - lr * grad_theta L(f_theta(B))`` (eq. 1; ``lr`` is each parameter's
        current learning rate in the optimizer) is taken on a functional copy of the parameters;
-    3. each candidate ``x`` is scored ``s(x) = l(f_theta'(x), y) - l(f_theta(x), y)`` (eq. 2-3) and the
-       ``batch_size`` highest scores are replayed.
+    3. each candidate ``x`` is scored ``s(x) = l(f_theta'(x), y) - l(f_theta(x), y)`` (eq. 2-3, MI-1) and the
+       ``batch_size`` highest scores are replayed. ``score="mi2"``: the paper's MI-2, the loss now replaced by the
+       lowest loss the stored sample has had when scored (the official code's ``compare_to_old_logits``, used for
+       its MNIST runs), so samples already forgotten score higher.
 
     Defaults: the official ER-MIR Split-MNIST runs (batch 10) retrieve as many samples as the minibatch
     holds, 10, out of ``subsample`` 50 candidates, from a memory of 20-100 per class. Here ``batch_size``
@@ -55,12 +57,17 @@ class MIR(Replay):
 
     def __init__(self, memory: int | None = 500, subsample: int | None = None, batch_size: int | None = None,
                  selection: str = "class_balanced", per_class: int | None = None, memory_bytes: int | None = None,
-                 compress: str | None = None, downsample: int = 1, image_shape: list[int] | None = None):
+                 compress: str | None = None, downsample: int = 1, image_shape: list[int] | None = None,
+                 score: str = "mi1"):
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample <= 0):
             raise ConfigError(f"MIR subsample={subsample!r}: it must be a positive whole number of candidates")
         super().__init__(memory=memory, selection=selection, per_class=per_class, batch_size=batch_size,
                          memory_bytes=memory_bytes, compress=compress, downsample=downsample, image_shape=image_shape)
-        self.subsample = subsample
+        if score not in ("mi1", "mi2"):
+            raise ConfigError(f"MIR score={score!r}: use \"mi1\" (loss after minus loss now) or \"mi2\" (after minus "
+                              "the lowest loss the sample has had)")
+        self.subsample, self.score = subsample, score
+        self.lowest: Tensor | None = None  # MI-2: each slot's lowest loss when scored (inf: not scored yet)
 
     @hookimpl
     def replay_batch(self, strategy, batch: Batch) -> Batch | None:
@@ -76,13 +83,41 @@ class MIR(Replay):
             slots = slots[~current]
         slots = slots[:n]
         candidates = self.memory.batch(slots)
-        scores = interference(strategy, batch, candidates)
+        before, after = virtual_losses(strategy, batch, candidates)
+        if self.score == "mi2":
+            if self.lowest is None or len(self.lowest) != self.memory.capacity:
+                self.lowest = torch.full((self.memory.capacity,), float("inf"), device=before.device)
+            before = torch.minimum(before, self.lowest[slots])
+            self.lowest[slots] = before
+        scores = after - before
         top = scores.sort(descending=True, stable=True).indices[:k]  # stable: ties broken alike on every rank
         return candidates.select(top)
 
 
+    def _rewritten(self, slots: Tensor | None) -> None:
+        if self.lowest is None:
+            return
+        if slots is None:
+            self.lowest.fill_(float("inf"))
+        else:
+            self.lowest[slots.to(self.lowest.device)] = float("inf")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "lowest": self.lowest}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.lowest = state.get("lowest")
+
+
 def interference(strategy, batch: Batch, candidates: Batch) -> Tensor:
     """Eq. 2-3: each candidate's loss after a virtual SGD step on ``batch``, minus its loss now."""
+    before, after = virtual_losses(strategy, batch, candidates)
+    return after - before
+
+
+def virtual_losses(strategy, batch: Batch, candidates: Batch) -> tuple[Tensor, Tensor]:
+    """Each candidate's loss now, and after a virtual SGD step on ``batch`` (eq. 1)."""
     model = strategy.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in named}
@@ -107,7 +142,7 @@ def interference(strategy, batch: Batch, candidates: Batch) -> Tensor:
     with torch.no_grad():
         before = per_sample_loss(strategy.criterion, logits(params, candidates), candidates.y)
         after = per_sample_loss(strategy.criterion, logits(virtual, candidates), candidates.y)
-    return after - before
+    return before, after
 
 
 def per_sample_loss(criterion, logits: Tensor, y: Tensor) -> Tensor:

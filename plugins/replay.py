@@ -105,6 +105,11 @@ class Replay(Plugin):
         slots, items = reservoir(self.seen, len(y), memory.capacity, strategy.generator)
         memory.write(slots, x[items], y[items], t[items])
         self.seen += len(y)
+        self._rewritten(slots)
+
+    def _rewritten(self, slots: Tensor | None) -> None:
+        """Called once memory ``slots`` hold new samples (``None``: the whole memory was rebuilt), for a
+        subclass that keeps state per slot (MIR's MI-2 losses)."""
 
     # ------------------------------------------------------------------------------ memory update
     @hookimpl
@@ -121,6 +126,7 @@ class Replay(Plugin):
             slots, items = reservoir(self.seen, len(new), memory.capacity, strategy.generator)
             memory.write(slots, *new.select(items.to(new.y.device)))
             self.seen += len(new)
+            self._rewritten(slots)
             return
         n_stored = len(memory)
         pool = memory.batch().cat(new) if n_stored else new
@@ -133,6 +139,7 @@ class Replay(Plugin):
             keep = self._by_class(strategy, pool, pool_origin, n_stored, present)
         memory.size = 0
         memory.append(*pool.select(keep), experience=pool_origin[keep])
+        self._rewritten(None)
 
     def _by_class(self, strategy, pool: Batch, origin: Tensor, n_stored: int, new_classes: set) -> Tensor:
         """Keep each class's quota: stored order for classes not in the experience, else a fresh pick.

@@ -165,7 +165,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "by the lowest predictive entropy)",
            lambda beta=1.0: [build_plugin("hypernetwork", beta=beta)]),
     Recipe("mir", "replay of the stored samples that a virtual SGD step on the minibatch would hurt most",
-           lambda memory=500, subsample=None: [build_plugin("mir", memory=memory, subsample=subsample)]),
+           lambda memory=500, subsample=None, selection="class_balanced", score="mi1": [
+               build_plugin("mir", memory=memory, subsample=subsample, selection=selection, score=score)]),
     Recipe("gdumb", "greedy class-balanced memory; the model retrained from scratch on it before each evaluation",
            lambda memory=500, epochs=128: [build_plugin("gdumb", memory=memory, epochs=epochs)]),
     Recipe("latent_replay", "replay of first-hidden-layer activations; the layers below frozen after the first experience",

@@ -67,6 +67,29 @@ def test_replay_batch_returns_the_most_interfered_candidates():
     assert torch.equal(out.x, cand.x[top]) and torch.equal(out.y, cand.y[top])
 
 
+def test_mi2_scores_against_the_lowest_loss_each_stored_sample_had():
+    """MI-2 (Aljundi et al. 2019, sec. 3): after - min(now, the lowest loss the sample had when scored); a slot
+    written anew forgets its lowest loss."""
+    plugin = MIR(memory=7, batch_size=3, subsample=7, score="mi2")
+    s = linear_strategy(lr=0.5, plugins=[plugin])
+    batch, cand = tiny_batches()
+    plugin.memory = Memory(7)
+    plugin.memory.append(*cand)
+    W, b = s.model.weight.detach(), s.model.bias.detach()
+    now = torch.nn.functional.cross_entropy(cand.x @ W.T + b, cand.y, reduction="none")
+    after = hand_scores(W, b, 0.5, batch, cand) + now
+    plugin.replay_batch(s, batch)  # first scoring: the lowest loss is the loss now
+    assert torch.allclose(plugin.lowest, now, atol=1e-6)
+    plugin.lowest = now - torch.arange(7.0)  # as if sample i once had a loss i lower
+    out = plugin.replay_batch(s, batch)
+    top = (after - (now - torch.arange(7.0))).argsort(descending=True)[:3]
+    assert torch.equal(out.y, cand.y[top]) and torch.allclose(plugin.lowest, now - torch.arange(7.0))
+    plugin._rewritten(torch.tensor([1, 4]))
+    assert plugin.lowest[[1, 4]].isinf().all() and plugin.lowest.isfinite().sum() == 5
+    with pytest.raises(ConfigError, match="mi1"):
+        MIR(score="mi3")
+
+
 def test_subsample_draws_that_many_distinct_candidates():
     plugin = MIR(memory=7, batch_size=7, subsample=4)
     s = linear_strategy(plugins=[plugin])
