@@ -15,17 +15,21 @@ def herding(features: Tensor, m: int) -> Tensor:
 
     Features are L2-normalised; pick k is the sample that brings the mean of the k chosen closest
     to the mean of all: ``argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||``, without repeats.
+    Expanded as ``||phi(x)||^2 - 2 phi(x) . (k mu - sum_{j<k} phi(p_j))`` plus a constant, so each pick
+    is one matrix-vector product, in float64; gaps within the features' own rounding (8 machine epsilons of
+    their dtype, times k) of the smallest are ties, won by the first index, as the distance rule's exact ties.
     """
-    phi = F.normalize(features.float(), dim=1)
-    mu = phi.mean(0)
+    tie = 8 * torch.finfo(features.dtype if features.is_floating_point() else torch.float32).eps
+    phi = F.normalize(features.double().flatten(1), dim=1)
+    mu, norms = phi.mean(0), phi.pow(2).sum(1)  # norms: 1, or 0 for an all-zero row
     m = min(m, len(phi))
     chosen = torch.empty(m, dtype=torch.long, device=phi.device)
     running = torch.zeros_like(mu)
     taken = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
     for k in range(m):
-        gap = (mu - (running + phi) / (k + 1)).pow(2).sum(1)
+        gap = norms - 2 * (phi @ (mu * (k + 1) - running))
         gap[taken] = float("inf")
-        i = gap.argmin()
+        i = torch.nonzero(gap <= gap.min() + tie * (k + 1))[0, 0]
         chosen[k], taken[i] = i, True
         running += phi[i]
     return chosen
