@@ -39,11 +39,14 @@ DESCRIPTION = {
              "domain-incremental (all 10 classes in every experience)",
     "PFM-5-TL": "PFM-5 with experience k given task label k at train and test time (for the methods that need "
                 "the task label; one 10-way head)",
+    "OSFM-5": "SFM-5's stream learned online: every training image once, in minibatches of 10 (`[benchmark] online "
+              "= {}`), the experiences' boundaries kept",
     "PT-SFM-5": "SFM-5's stream from training images 30,000-59,999 on a vision transformer (width 64, depth 4, "
                 "patch 4) pre-trained on images 0-29,999 (`benchmarks/pretrain.py`), a fresh 10-way head",
 }
 MODEL = "MLP 784-256-256-10, SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per experience"
-MODELS = {"PT-SFM-5": "SGD lr 0.01 momentum 0.9 (the slow learner: 1e-4 below the head), batch 128, 2 epochs per "
+MODELS = {"OSFM-5": "MLP 784-256-256-10, SGD lr 0.01 momentum 0.9, batch 10, 1 epoch, memory 500",
+          "PT-SFM-5": "SGD lr 0.01 momentum 0.9 (the slow learner: 1e-4 below the head), batch 128, 2 epochs per "
                       "experience"}
 # compressed replay in the bytes of 500 float32 samples (with their two int64 labels)
 COMPRESSED = 'replay:memory_bytes=1576000,compress="uint8"'
@@ -55,12 +58,18 @@ DEFAULT_METHODS = {  # SFM-5: every class-incremental recipe (exemplar-free ones
                   "progress_compress:lambda_=1000"],  # every recipe; EWC and P&C at the task-incremental lambda
     "PFM-5": ["naive", "joint", "replay", "lwf", "ewc", "online_ewc", "si", "mas", "gem", "agem"],
     "PFM-5-TL": ["naive", "packnet", "hat", "supsup", "pnn"],
+    "OSFM-5": ["naive", "joint", 'replay:selection="reservoir"', "replay", 'mir:selection="reservoir",subsample=50',
+               'mir:selection="reservoir",subsample=50,score="mi2"', "er_ace", "derpp", "gdumb", "exstream"],
     "PT-SFM-5": ["seq_ft", "slow_learner", "slca", "l2p", "dualprompt", "replay", "replay_ca", "lwf", "lwf_ca",
                  "joint", "joint_linear"],
 }
 NOTES = {
     "PT-SFM-5": "No Avalanche reference exists for this protocol. The backbone is built once by "
                 "`python benchmarks/pretrain.py` (upstream test accuracy 0.844).",
+    "OSFM-5": "replay (class-balanced) updates its memory after each experience, so nothing is replayed during the "
+              "first; the reservoir forms and MIR, ER-ACE and DER++ update it after every minibatch. MIR draws 50 "
+              "candidates for the 10 it replays (the paper's 5:1); score=\"mi2\" is the paper's MI-2. GDumb "
+              "retrains on its memory before each evaluation (its cost is under eval seconds).",
     "SFM-5": "GDumb retrains from scratch at each evaluation point, so its cost is under eval seconds. "
              "`replay:memory_bytes=...` stores uint8 inputs: the bytes of 500 float32 samples hold 1950. "
              "multihead is left out (one head for task 0 without task labels: Naive's growing head).",

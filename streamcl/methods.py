@@ -169,6 +169,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                build_plugin("mir", memory=memory, subsample=subsample, selection=selection, score=score)]),
     Recipe("gdumb", "greedy class-balanced memory; the model retrained from scratch on it before each evaluation",
            lambda memory=500, epochs=128: [build_plugin("gdumb", memory=memory, epochs=epochs)]),
+    Recipe("exstream", "streaming replay of per-class feature prototypes, the nearest pair merged when a class's "
+           "buffer is full (ExStream), replayed through the head",
+           lambda memory=500: [build_plugin("exstream", memory=memory)]),
     Recipe("latent_replay", "replay of first-hidden-layer activations; the layers below frozen after the first experience",
            lambda memory=500: [build_plugin("latent_replay", memory=memory)]),
     Recipe("cwr", "copy weights with re-init: the head's rows re-initialised before each experience, the experience's "

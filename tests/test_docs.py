@@ -599,12 +599,12 @@ def test_docs_point_only_inside_the_repository():
 
 def test_cited_protocols_are_defined_in_protocols_md():
     protocols = (ROOT / "docs" / "protocols.md").read_text()
-    defined = set(re.findall(r"^## ((?:PT-)?[SP]FM-\d+(?:-[A-Z]+)*) —", protocols, re.M)) | \
-        set(re.findall(r"\*\*((?:PT-)?[SP]FM-\d+(?:-[A-Z]+)*)\*\*", protocols))
+    defined = set(re.findall(r"^## ((?:PT-|O)?[SP]FM-\d+(?:-[A-Z]+)*) —", protocols, re.M)) | \
+        set(re.findall(r"\*\*((?:PT-|O)?[SP]FM-\d+(?:-[A-Z]+)*)\*\*", protocols))
     assert set(config.PROTOCOLS) <= defined, f"config.PROTOCOLS not in docs/protocols.md: " \
                                              f"{sorted(set(config.PROTOCOLS) - defined)}"
     cited = {(p.relative_to(ROOT), name) for p in SOURCES
-             for name in re.findall(r"\b((?:PT-)?[SP]FM-\d+(?:-[A-Z]+)*)\b", p.read_text())}
+             for name in re.findall(r"\b((?:PT-|O)?[SP]FM-\d+(?:-[A-Z]+)*)\b", p.read_text())}
     unknown = sorted(f"{where}: {name}" for where, name in cited if name not in defined)
     assert not unknown, f"protocols cited but not defined in docs/protocols.md: {unknown}"
 
