@@ -166,8 +166,9 @@ class CWRStar(Plugin):
         """``cur_j``: the samples of each class in the experience's training data and in a replay memory beside it
         (a memory that comes in through ``train_data``, as Cumulative's, is in the training data already)."""
         y = targets_of(strategy.train_dataset).reshape(-1).cpu()
-        owner, memory = strategy.owner("memory"), strategy.memory
-        if memory is not None and not callable(getattr(owner, "train_data", None)) and hasattr(memory, "labels"):
+        memory = strategy.memory
+        joined = memory is not None and len(strategy.train_dataset) > len(strategy.experience)
+        if memory is not None and not joined and hasattr(memory, "labels"):
             y = torch.cat([y, memory.labels.reshape(-1).cpu()])
         counts = torch.bincount(y[y >= 0]) if len(y) else torch.zeros(0, dtype=torch.long)
         return {c: int(n) for c, n in enumerate(counts.tolist()) if n > 0}

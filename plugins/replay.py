@@ -8,7 +8,7 @@ from streamcl import Batch, Plugin, hookimpl
 from streamcl import distributed as dist
 from streamcl.errors import ConfigError
 from streamcl.memory import Budget, Codec, Memory, balanced, check_room, herding, random_pick, reservoir
-from streamcl.scenarios import as_batch
+from streamcl.scenarios import TensorData, as_batch
 
 SELECTIONS = ("class_balanced", "herding", "experience_balanced", "random", "reservoir")
 
@@ -33,15 +33,23 @@ class Replay(Plugin):
 
     ``compress="uint8"`` stores inputs as 8-bit values (and ``downsample`` pools images of
     ``image_shape``), so ``memory_bytes`` holds more samples; ``capacity`` tells how many.
+
+    ``join=True`` joins the memory to the experience's training data (``train_data``) instead: minibatches are
+    drawn from their union, each sample once an epoch (iCaRL's training set, Alg. 3: the new data and the
+    exemplars), and nothing is replayed beside them.
     """
 
     owns = frozenset({"memory"})
 
     def __init__(self, memory: int | None = 500, selection: str = "class_balanced", per_class: int | None = None,
                  batch_size: int | None = None, memory_bytes: int | None = None, compress: str | None = None,
-                 downsample: int = 1, image_shape: list[int] | None = None):
+                 downsample: int = 1, image_shape: list[int] | None = None, join: bool = False):
         if selection not in SELECTIONS:
             raise ConfigError(f"selection={selection!r}: use one of {', '.join(SELECTIONS)}")
+        if not isinstance(join, bool) or (join and selection == "reservoir"):
+            raise ConfigError(f"join={join!r}: true or false; a joined memory is fixed for the experience, so it "
+                              "cannot be the reservoir, which changes after every minibatch")
+        self.join = join
         if memory_bytes is not None:
             if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
                 raise ConfigError(f"memory budget memory_bytes={memory_bytes!r}: it must be a positive number of bytes")
@@ -91,9 +99,15 @@ class Replay(Plugin):
     # ------------------------------------------------------------------------------ replay
     @hookimpl
     def replay_batch(self, strategy, batch: Batch) -> Batch | None:
-        if self.memory is None or len(self.memory) == 0:
+        if self.join or self.memory is None or len(self.memory) == 0:
             return None
         return self.memory.sample(self.batch_size or strategy.batch_size, strategy.generator)[1]
+
+    @hookimpl
+    def train_data(self, strategy, experience) -> TensorData | None:
+        if not self.join or self.memory is None or len(self.memory) == 0:
+            return None
+        return TensorData(*self.memory.batch())
 
     @hookimpl
     def after_training_iteration(self, strategy) -> None:

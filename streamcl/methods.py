@@ -18,12 +18,13 @@ class Recipe:
     offline: bool = False
 
 
-def _icarl(memory, loss: str) -> list:
-    """iCaRL's plugins; ``loss="bce"`` the paper's sigmoid classification loss, ``"ce"`` the engine's cross-entropy."""
+def _icarl(memory, loss: str, join: bool = True) -> list:
+    """iCaRL's plugins; ``loss="bce"`` the paper's sigmoid classification loss, ``"ce"`` the engine's cross-entropy;
+    ``join``: the exemplars joined to the new data (Alg. 3's training set), else replayed beside every minibatch."""
     if loss not in ("bce", "ce"):
         raise ConfigError(f"icarl loss={loss!r}: use \"bce\" (the paper's sigmoid binary cross-entropy) or \"ce\" "
                           "(softmax cross-entropy over every output)")
-    return [build_plugin("replay", memory=memory, selection="herding"),
+    return [build_plugin("replay", memory=memory, selection="herding", join=join),
             *([build_plugin("sigmoid_bce")] if loss == "bce" else []),
             build_plugin("distill", kind="bce"), build_plugin("nme")]
 
@@ -66,11 +67,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("er_ace", "experience replay with the asymmetric cross-entropy (incoming samples over their own classes)",
            lambda memory=500: [build_plugin("replay", memory=memory, selection="reservoir"), build_plugin("er_ace")]),
     Recipe("icarl", "iCaRL: herding exemplars, sigmoid binary cross-entropy (new classes' labels, old classes' "
-           "distillation targets), nearest-mean-of-exemplars classifier (loss=\"ce\": icarl_ce)",
-           lambda memory=500, loss="bce": _icarl(memory, loss)),
+           "distillation targets) on the new data joined with the exemplars, nearest-mean-of-exemplars classifier",
+           lambda memory=500, loss="bce", join=True: _icarl(memory, loss, join)),
     Recipe("icarl_ce", "iCaRL with softmax cross-entropy over every output in the place of the paper's sigmoid "
-           "classification loss (BCE distillation, herding, nearest-mean classifier kept)",
-           lambda memory=500: _icarl(memory, "ce")),
+           "classification loss and the exemplars replayed beside every minibatch (BCE distillation, herding, "
+           "nearest-mean classifier kept)",
+           lambda memory=500, join=False: _icarl(memory, "ce", join)),
     Recipe("lwf", "learning without forgetting: distillation of the old classes' logits from the model before the experience",
            lambda weight=0.25, temperature=2.0: [build_plugin("lwf", weight=weight, temperature=temperature)]),
     Recipe("replay_lwf", "experience replay with LwF distillation from the model before the experience",

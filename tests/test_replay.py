@@ -160,6 +160,37 @@ def test_replay_batch_is_drawn_from_memory_and_joined():
     assert sizes == [(16, 21), (16, 21), (8, 13)]
 
 
+def test_a_joined_memory_is_trained_as_part_of_the_experience_each_exemplar_once_an_epoch():
+    """join=True: iCaRL's training set (Alg. 3), the new data and the exemplars, drawn in one shuffled order."""
+    rows = []
+    plugin = Replay(memory=8, join=True)
+
+    class Spy:
+        from streamcl import hookimpl
+
+        @hookimpl
+        def before_forward(self, strategy):
+            rows.append((strategy.n_current, strategy.batch.x.clone()))
+
+    torch.manual_seed(0)
+    bench = tiny_benchmark(4, 2)
+    model = MLP(8, [16], 4)
+    s = Strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin, Spy()], batch_size=16,
+                 epochs=2, seed=0)
+    s.train(bench.train_stream[0])
+    rows.clear()
+    stored = plugin.memory.inputs().clone()
+    s.train(bench.train_stream[1])
+    assert len(s.train_dataset) == len(bench.train_stream[1]) + 8
+    assert all(n == len(x) for n, x in rows)  # nothing replayed beside the minibatch
+    seen = torch.cat([x for _, x in rows])
+    per_epoch = len(seen) // 2
+    for epoch in (seen[:per_epoch], seen[per_epoch:]):  # every exemplar once an epoch
+        assert all(int((epoch == e).all(1).sum()) == 1 for e in stored)
+    with pytest.raises(ConfigError, match="reservoir"):
+        Replay(join=True, selection="reservoir")
+
+
 def test_memory_bytes_report_how_many_samples_fit():
     plugin = Replay(memory_bytes=10 * (8 * 4 + 16), compress="uint8")
     train(plugin, n_exp=2)
