@@ -225,13 +225,19 @@ def parse(raw: Any, overrides: list[str] = ()) -> dict[str, Any]:
 
 
 def _check_online(table: dict) -> None:
+    from streamcl.errors import DataError
     from streamcl.registry import check_arguments
     from streamcl.scenarios import online
+    from streamcl.scenarios.builders import check_online
 
     check_arguments(online, table, "benchmark.online", fixed=("benchmark", "seed"))
     for key, kinds in (("blurry", _NUM), ("boundaries", _BOOL), ("chunk", _INT)):
         if key in table:
             table[key] = _check(f"benchmark.online.{key}", table[key], kinds, None)
+    try:
+        check_online(**table)
+    except DataError as err:
+        raise ConfigError(f"benchmark.online: {err}") from None
 
 
 def _check_fmnist_benchmark(bench: dict) -> None:

@@ -95,6 +95,10 @@ def test_config_online_table_builds_the_online_stream():
         config.parse({"benchmark": {"online": {"blury": 0.1}}})
     with pytest.raises(ConfigError, match="benchmark.online.chunk"):
         config.parse({"benchmark": {"online": {"chunk": "big"}}})
+    with pytest.raises(ConfigError, match="benchmark.online: blurry .* got 2"):  # refused before any data is read
+        config.parse({"benchmark": {"online": {"blurry": 2}}})
+    with pytest.raises(ConfigError, match="without boundaries"):
+        config.parse({"benchmark": {"online": {"chunk": 100}}})
     assert config.PROTOCOLS["OSFM-5"]["train"] == {"epochs": 1, "batch_size": 10}
 
 

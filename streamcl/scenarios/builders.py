@@ -164,6 +164,18 @@ def split_online(benchmark: Benchmark, experience_size: int, *, shuffle: bool = 
                      benchmark.scenario, info)
 
 
+def check_online(blurry: float = 0.0, boundaries: bool = True, chunk: int | None = None) -> None:
+    """Raise :class:`DataError` for options :func:`online` cannot take."""
+    if isinstance(blurry, bool) or not isinstance(blurry, (int, float)) or not 0 <= blurry < 1:
+        raise DataError(f"blurry is the fraction of each experience's samples moved to the others, in [0, 1); "
+                        f"got {blurry!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise DataError(f"chunk must be a positive number of samples, got {chunk!r}")
+    if chunk is not None and boundaries:
+        raise DataError("chunk cuts a stream without boundaries (boundaries=False); with boundaries the experiences "
+                        "are the stream's")
+
+
 def online(benchmark: Benchmark, *, blurry: float = 0.0, boundaries: bool = True, chunk: int | None = None,
            seed: int = 0) -> Benchmark:
     """The online setting: each training sample seen once, in stream order; train it with ``epochs=1`` and
@@ -178,14 +190,7 @@ def online(benchmark: Benchmark, *, blurry: float = 0.0, boundaries: bool = True
     ``covers`` the test experiences whose samples it holds. ``chunk`` defaults to a quarter of the mean
     experience. Draws are seeded with ``seed``; the test stream is unchanged; ``info["online"]`` records
     the options and each new experience's sample count per stream experience."""
-    if not 0 <= blurry < 1:
-        raise DataError(f"blurry is the fraction of each experience's samples moved to the others, in [0, 1); "
-                        f"got {blurry!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise DataError(f"chunk must be a positive number of samples, got {chunk!r}")
-    if chunk is not None and boundaries:
-        raise DataError("chunk cuts a stream without boundaries (boundaries=False); with boundaries the experiences "
-                        "are the stream's")
+    check_online(blurry, boundaries, chunk)
     exps = list(benchmark.train_stream)
     if (blurry or not boundaries) and any(e.task is not None for e in exps):
         raise DataError("a stream with task labels keeps its task boundaries: online(..., blurry=0, boundaries=True)")
