@@ -112,6 +112,7 @@ class Strategy:
         self._hook = {n: getattr(hooks, n) if getattr(hooks, n).get_hookimpls() else None
                       for n in EVENTS + CONTRIBUTIONS + TRANSFORMS}
         self.trained: list[Experience] = []
+        self._classes_cache: tuple[int, int, set[int]] = (0, 0, set())  # see _trained_classes
         self.global_step, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0
         self.fit_epochs: dict[str, int] = {}  # epochs run by each private training loop (fit), by its name
         self.correcting = True  # false inside ``uncorrected()``
@@ -526,8 +527,20 @@ class Strategy:
     @property
     def seen_classes(self) -> list[int]:
         """The classes of every experience trained so far and of the one training now, sorted."""
-        exps = [*self.trained, *([self.experience] if self.is_training and self.experience is not None else [])]
-        return sorted({int(c) for e in exps for c in e.classes})
+        now = self.experience.classes if self.is_training and self.experience is not None else ()
+        return sorted(self._trained_classes() | {int(c) for c in now})
+
+    def _trained_classes(self) -> set[int]:
+        """The classes of the experiences trained, updated as experiences are appended (constant cost on long
+        streams); recounted when ``trained`` is replaced (a checkpoint loaded)."""
+        key, n = id(self.trained), len(self.trained)
+        cached_key, counted, classes = self._classes_cache
+        if cached_key != key or counted > n:
+            counted, classes = 0, set()
+        for e in self.trained[counted:]:
+            classes.update(int(c) for c in e.classes)
+        self._classes_cache = (key, n, classes)
+        return classes
 
     @property
     def memory(self):
@@ -710,7 +723,7 @@ class Strategy:
         return [] if self._hook[name] is None else contributions(self.pm, name, strategy=self, **kwargs)
 
     def _adapt_model(self, exp: Experience) -> None:
-        seen = max(max(exp.classes, default=-1), *(max(e.classes, default=-1) for e in self.trained), -1) + 1
+        seen = max(max(exp.classes, default=-1), max(self._trained_classes(), default=-1)) + 1
         grow_heads(self.model, seen)
         head = self._head
         if type(head) is nn.Linear and head.out_features < seen:  # a user's fixed head: widened, rows kept

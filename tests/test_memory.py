@@ -140,3 +140,17 @@ def test_downsampling_codec():
 
 def test_memory_counts_in_bytes_hold_more_when_compressed():
     assert math.floor(1_576_000 / Codec("uint8").bytes_per_sample((784,), torch.float32)) == 1950
+
+
+def test_balanced_is_the_per_group_rule_in_quota_order_on_random_cases():
+    """One sort gives what taking each named group's first members in priority order, group by group, gives."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n, n_groups = int(torch.randint(0, 40, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
+        groups = torch.randint(0, n_groups + 2, (n,), generator=gen)
+        named = torch.randperm(n_groups + 3, generator=gen)[:int(torch.randint(0, n_groups + 3, (1,), generator=gen))]
+        quotas = {int(k): int(torch.randint(0, 5, (1,), generator=gen)) for k in named}
+        priority = torch.randperm(n, generator=gen) if trial % 2 else None
+        order = priority if priority is not None else torch.arange(n)
+        expected = [int(i) for g, q in quotas.items() for i in order[groups[order] == g][:q]]
+        assert balanced(groups, quotas, priority).tolist() == expected

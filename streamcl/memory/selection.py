@@ -66,11 +66,23 @@ def balanced(groups: Tensor, quotas: dict[int, int], priority: Tensor | None = N
     """Indices to keep so that group g keeps at most ``quotas[g]`` members (0 for groups not named).
 
     Within a group the members come in ``priority`` order (default: index order), so a shrinking
-    quota drops the members picked last (iCaRL's "reduce exemplar set", Alg. 5).
+    quota drops the members picked last (iCaRL's "reduce exemplar set", Alg. 5). The result lists the groups in
+    the order of ``quotas``, each group's kept members in priority order; computed in one sort, whatever the
+    number of groups.
     """
-    order = priority if priority is not None else torch.arange(len(groups), device=groups.device)
-    keep = []
-    for g, q in quotas.items():
-        members = order[groups[order] == g]
-        keep.append(members[:q])
-    return torch.cat(keep) if keep else torch.empty(0, dtype=torch.long, device=groups.device)
+    device = groups.device
+    order = priority if priority is not None else torch.arange(len(groups), device=device)
+    if not quotas or not len(order):
+        return torch.empty(0, dtype=torch.long, device=device)
+    named = torch.tensor(list(quotas), dtype=torch.long, device=device)
+    limit = torch.tensor(list(quotas.values()), dtype=torch.long, device=device)
+    g = groups[order].long()
+    ids, at = named.sort()  # the named groups sorted, and each one's position in ``quotas``
+    slot = torch.searchsorted(ids, g).clamp(max=len(ids) - 1)
+    position = torch.where(ids[slot] == g, at[slot], len(ids))  # unnamed groups last, then dropped
+    by = torch.argsort(position, stable=True)  # quotas' order; priority order kept within a group
+    pos = position[by]
+    first = torch.searchsorted(pos, pos, right=False)  # index where each member's group starts
+    rank = torch.arange(len(pos), device=device) - first
+    cap = torch.cat([limit, limit.new_zeros(1)])[pos]
+    return order[by[rank < cap]]
